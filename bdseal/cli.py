@@ -1,0 +1,92 @@
+"""``bdseal`` command line: thin — parse, then call ``bdseal.experiment``.
+
+    bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
+    bdseal list                       attacks, defenses, datasets, models
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+
+def subcommand(name: str, help_: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
+    def deco(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        SUBCOMMANDS[name] = (help_, fn)
+        return fn
+
+    return deco
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> int:
+    """Run ``task(cfg)`` as a Hydra app over ``argv`` (overrides, ``-m``, ``--cfg job``...)."""
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path="conf", config_name=config_name, version_base="1.3")
+    def _app(cfg: DictConfig) -> None:
+        _setup_logging()
+        task(cfg)
+
+    saved = sys.argv
+    sys.argv = [f"bdseal {config_name}", *argv]
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+@subcommand("run", "run one experiment cell: bdseal run dataset=digits attack=badnets defense=none seed=0 out=DIR")
+def cmd_run(argv: list[str]) -> int:
+    import json
+
+    from bdseal.experiment.run import run_experiment
+
+    def task(cfg):  # type: ignore[no-untyped-def]
+        metrics = run_experiment(cfg)
+        shown = {k: metrics[k] for k in ("dataset", "attack", "defense", "clean_acc", "asr", "time_s") if k in metrics}
+        for extra in ("baseline", "dem", "detection", "relabel_acc"):
+            if extra in metrics:
+                shown[extra] = metrics[extra]
+        print(json.dumps(shown, indent=1, default=str))
+        print(f"results in {metrics['run_dir']}/metrics.json")
+
+    return hydra_main(task, argv)
+
+
+@subcommand("list", "list the registered attacks, defenses, datasets and models")
+def cmd_list(argv: list[str]) -> int:
+    from bdseal.attacks import list_attacks
+    from bdseal.data import list_datasets
+    from bdseal.defenses import list_defenses
+    from bdseal.models import list_models
+
+    for title, names in (("datasets", list_datasets()), ("models", list_models()), ("attacks", list_attacks()), ("defenses", list_defenses())):
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        for name, (help_, _) in SUBCOMMANDS.items():
+            print(f"  {name:10s} {help_}")
+        return 0
+    cmd = argv.pop(0) if argv and not ("=" in argv[0] or argv[0].startswith("-")) else "run"
+    if cmd not in SUBCOMMANDS:
+        print(f"bdseal: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    return SUBCOMMANDS[cmd][1](argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Base class of every classifier: normalise -> named stages -> pool -> features -> head.
+
+Every model takes float images in [0, 1] of shape (B, C, H, W) and normalises them itself, so attacks,
+trigger inversion (Neural Cleanse) and PGD all work in pixel space. Named stages give activation-space
+defenses (PGBD, NAD) intermediate activations without forward hooks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class StagedClassifier(nn.Module):
+    """``stages`` (ordered, named) map images to a feature map or vector; ``pool`` flattens it to the
+    penultimate embedding of size ``feature_dim``; ``head`` is the linear classifier."""
+
+    def __init__(
+        self,
+        stages: "OrderedDict[str, nn.Module]",
+        feature_dim: int,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pool: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.stages = nn.ModuleDict(stages)
+        self.pool = pool if pool is not None else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.stages.keys())
+
+    def forward_with(
+        self, x: torch.Tensor, layers: Sequence[str] = ()
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the outputs of the named stages (in the order they are computed)."""
+        unknown = set(layers) - set(self.stages.keys())
+        if unknown:
+            raise KeyError(f"unknown layer(s) {sorted(unknown)}; this model has {self.layer_names}")
+        acts: dict[str, torch.Tensor] = {}
+        h = self.normalize(x)
+        for name, stage in self.stages.items():
+            h = stage(h)
+            if name in layers:
+                acts[name] = h
+        return self.head(self.pool(h)), acts
+
+    def forward_from(self, h: torch.Tensor, layer: str) -> torch.Tensor:
+        """Logits from the output ``h`` of stage ``layer`` (runs the remaining stages, pool and head)."""
+        names = self.layer_names
+        if layer not in names:
+            raise KeyError(f"unknown layer {layer!r}; this model has {names}")
+        for name in names[names.index(layer) + 1 :]:
+            h = self.stages[name](h)
+        return self.head(self.pool(h))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate embedding (B, feature_dim)."""
+        h = self.normalize(x)
+        for stage in self.stages.values():
+            h = stage(h)
+        return self.pool(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

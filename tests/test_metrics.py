@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from bdseal import metrics as M
+
+
+def test_accuracy_and_asr_hand_case():
+    assert M.accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == 0.75
+    # 3 triggered non-target images, two classified as the target 0
+    assert M.attack_success_rate(torch.tensor([0, 0, 3]), torch.tensor([0, 0, 0])) == pytest.approx(2 / 3)
+    assert math.isnan(M.accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
+
+
+def test_dem_matches_pgbd_definition():
+    assert M.dem(0.9, 1.0, 0.9, 0.0) == 1.0  # perfect defense
+    assert M.dem(0.9, 0.95, 0.9, 0.95) == 0.5  # no change
+    assert M.dem(0.9, 0.5, 0.95, 0.9) == 0.5  # ASR went up: clipped at 0; CA gain capped at 1
+    assert M.dem(0.8, 1.0, 0.4, 0.5) == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+    # a row of PGBD Table 2 style: CA_P .9 ASR_P .95 -> CA_D .88 ASR_D .01
+    assert M.dem(0.9, 0.95, 0.88, 0.01) == pytest.approx(0.5 * 0.88 / 0.9 + 0.5 * 0.94 / 0.95)
+
+
+def test_auroc_hand_cases():
+    pos = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    assert M.auroc(torch.tensor([0.9, 0.8, 0.1, 0.2]), pos) == 1.0
+    assert M.auroc(torch.tensor([0.1, 0.2, 0.9, 0.8]), pos) == 0.0
+    assert M.auroc(torch.tensor([0.5, 0.5, 0.5, 0.5]), pos) == 0.5  # ties count half
+    assert M.auroc(torch.tensor([0.9, 0.3, 0.5, 0.1]), pos) == 0.75
+    assert math.isnan(M.auroc(torch.tensor([0.1, 0.2]), torch.tensor([True, True])))
+
+
+def test_detection_rates():
+    flagged = torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
+    pos = torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)
+    r = M.detection_rates(flagged, pos)
+    assert r["tpr"] == 0.5 and r["fpr"] == pytest.approx(1 / 3) and r["flagged"] == 2
+
+
+def test_relabel_accuracy():
+    relabels = torch.tensor([3, -1, 2, 5, -1])
+    true = torch.tensor([3, 1, 1, 5, 4])
+    poison = torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool)
+    r = M.relabel_accuracy(relabels, true, poison)
+    assert r["relabel_acc"] == 0.5  # poisoned & relabelled: idx 0 (right), 2 (wrong)
+    assert r["relabel_coverage"] == pytest.approx(2 / 3)
+    assert r["relabel_acc_all"] == pytest.approx(2 / 3)
+
+
+def test_clean_json_replaces_nan():
+    assert M.clean_json({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
