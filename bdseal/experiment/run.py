@@ -133,6 +133,24 @@ def train_baseline(cfg: DictConfig, ctx: RunContext, view_train: ImageDataset) -
     return model.to(ctx.device).eval()
 
 
+def load_backdoored(path: str, make_model: Any, device: torch.device) -> torch.nn.Module:
+    """M_B from a file: a state dict (or a run dir's ``model.pt``) for the run's ``model=`` choice."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"backdoored_ckpt {p} does not exist")
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint written by train.fit
+    model = make_model()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"backdoored_ckpt {p} does not fit model={type(model).__name__}: {e}") from e
+    return model.to(device).eval()
+
+
 def defense_config(cfg: DictConfig) -> dict[str, Any]:
     return dict(plain(cfg.defense))
 
@@ -171,7 +189,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                      cache_parts={"dataset": plain(cfg.dataset), "attack": plain(cfg.attack), "seed": seed})
     spec = get_defense(cfg.defense.name)
     want_baseline = cfg.baseline == "auto" and spec.name != "none" or cfg.baseline is True
-    baseline_model = train_baseline(cfg, ctx, ps.train) if (want_baseline or spec.post_hoc) else None
+    baseline_model = None
+    if cfg.get("backdoored_ckpt"):
+        baseline_model = load_backdoored(str(cfg.backdoored_ckpt), make_model, device)
+    elif want_baseline or spec.post_hoc:
+        baseline_model = train_baseline(cfg, ctx, ps.train)
     view = DefenderView(
         train=ps.train,
         clean=_clean_subset(defender_pool, cfg, seed) if spec.needs_clean else None,

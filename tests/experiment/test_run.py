@@ -47,3 +47,13 @@ def test_unknown_names_are_clear_errors(tmp_path):
         cfg = compose_config([*FAST, f"out={tmp_path / 'x'}"])
         cfg.defense.name = "bogus"
         run_experiment(cfg)
+
+
+def test_backdoored_ckpt_is_loaded_as_the_baseline(tmp_path):
+    # M_B from a 1-epoch run; this run's own recipe (2 epochs) would give a different model
+    first = run_experiment(compose_config([*FAST, "train.epochs=1", f"out={tmp_path / 'a'}", "progress=false"]))
+    again = run_experiment(compose_config([*FAST, f"out={tmp_path / 'b'}", "progress=false", "baseline=true",
+                                           f"backdoored_ckpt={tmp_path / 'a'}"]))
+    assert again["baseline"]["clean_acc"] == first["clean_acc"] and again["baseline"]["asr"] == first["asr"]
+    with pytest.raises(FileNotFoundError, match="backdoored_ckpt"):
+        run_experiment(compose_config([*FAST, f"out={tmp_path / 'c'}", f"backdoored_ckpt={tmp_path / 'missing'}"]))
