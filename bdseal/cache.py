@@ -33,7 +33,7 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim safe
     elif isinstance(obj, dict):
         h.update(b"{")
         for k in sorted(obj, key=str):
@@ -69,7 +69,7 @@ class ArtifactCache:
                 return torch.load(path, map_location="cpu", weights_only=False)
         value = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent writers (Slurm jobs, ranks) never share a temp file
         torch.save(value, tmp)
         path.with_suffix(".json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
         os.replace(tmp, path)

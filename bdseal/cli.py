@@ -74,6 +74,56 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
+@subcommand("probe", "linear-probe a self-supervised backbone: bdseal probe dataset=digits ssl.kind=simclr ssl.epochs=5")
+def cmd_probe(argv: list[str]) -> int:
+    from bdseal.ssl.probe import probe_main
+
+    _setup_logging()
+    return probe_main(argv)
+
+
+@subcommand("bench", "run a matrix, resumable: bdseal bench bench=demo attacks=[none,badnets] seeds=[0,1] [dry_run=true] [ingest=DIR]")
+def cmd_bench(argv: list[str]) -> int:
+    from bdseal.experiment import bench
+
+    _setup_logging()
+    spec, options = bench.parse_args(argv)
+    if options.get("ingest"):
+        roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]
+        print(f"ingested {bench.ingest(spec, [str(r) for r in roots])} finished run dirs into {spec.store_path}")
+        return 0
+    res = bench.run_bench(spec, dry_run=bool(options.get("dry_run")))
+    print(f"bench {spec.name}: ran {len(res.ran)}, already done {len(res.skipped)}, failed {len(res.failed)}; store {res.store}")
+    for name in res.missing:
+        print(f"  skipped (not available): {name}")
+    for label, err in res.failed:
+        print(f"  FAILED {label}: {err}")
+    return 1 if res.failed else 0
+
+
+@subcommand("report", "tables (Markdown, CSV), plots and one HTML page from a results store: bdseal report BENCH_DIR [out=DIR]")
+def cmd_report(argv: list[str]) -> int:
+    from bdseal.experiment.report import make_report
+
+    paths = [a for a in argv if "=" not in a]
+    opts = dict(a.split("=", 1) for a in argv if "=" in a)
+    res = make_report(paths[0] if paths else "bench", out=opts.get("out"), title=opts.get("title"))
+    print(f"report of {res['n_runs']} runs: {res['markdown']}, {res['html']}, {res['summary_csv']}, {len(res['plots'])} plots")
+    return 0
+
+
+@subcommand("bench-speed", "training-loop overhead vs a bare loop, and each defense's time vs plain training: bdseal bench-speed [out=FILE.json]")
+def cmd_bench_speed(argv: list[str]) -> int:
+    import json
+
+    from bdseal.experiment import speed
+
+    _setup_logging()
+    res = speed.run_from_args(argv)
+    print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):

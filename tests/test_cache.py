@@ -22,3 +22,8 @@ def test_cache_computes_once_per_key(tmp_path):
     cache.get_or_compute("k", {"a": 1}, compute)
     cache.get_or_compute("k", {"a": 2}, compute)
     assert len(calls) == 2
+
+
+def test_fingerprint_of_zero_dim_tensors():
+    assert fingerprint(torch.tensor(3)) != fingerprint(torch.tensor(4))
+    assert fingerprint({"n": torch.tensor(3)}) == fingerprint({"n": torch.tensor(3)})

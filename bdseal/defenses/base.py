@@ -81,15 +81,14 @@ class DefenseResult:
     """``model``: the defended classifier. ``scores`` (N,): per-sample suspicion, higher = more likely
     poisoned. ``flagged`` (N,) bool: the defense's own poisoned/clean decision. ``relabels`` (N,):
     new label per sample, −1 where not relabelled. ``extras``: defense-specific facts (JSON-able).
-    ``artifacts``: tensors the experiment layer may plot against the ground truth (e.g. GSSD's σ,
-    PGRL's weights); never written to metrics.json."""
+    Tensors the experiment layer should plot against the ground truth go to files in ``ctx.run_dir``
+    (``gssd_scores.pt``, ``pgrl_state.pt``), read by ``bdseal.experiment.figures``."""
 
     model: nn.Module
     scores: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     relabels: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 DefenseFn = Callable[[DefenderView, dict[str, Any], RunContext], DefenseResult]

@@ -220,6 +220,12 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(M.relabel_accuracy(result.relabels, ps.oracle.true_labels, ps.oracle.is_poison))
     if result.extras:
         metrics["extras"] = result.extras
+    if cfg.figures.enabled:
+        from bdseal.experiment.figures import draw_ground_truth_figures
+
+        figs = draw_ground_truth_figures(spec, defense_config(cfg), result, ps, baseline_model, view, ctx, umap=bool(cfg.figures.umap))
+        if figs:
+            metrics["figures"] = figs
     metrics["time_s"] = time.time() - t0
     metrics["run_dir"] = str(out)
     torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")

@@ -49,6 +49,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True
     drop_last: bool = False
+    train_mode: bool = True  # False keeps BN statistics and dropout frozen (PGBD fine-tunes in eval mode)
     progress: bool = True
 
     @classmethod
@@ -195,13 +196,14 @@ def fit(
         start_epoch = _load_checkpoint(checkpoint, state, gen)
     bar = tqdm(total=total, initial=state.step, desc=desc, disable=not cfg.progress or rank != 0,
                leave=False, dynamic_ncols=True)
-    train_model.train()
+    train_model.train(cfg.train_mode)
     for epoch in range(start_epoch, epochs):
         state.epoch = epoch
         hooks.on_epoch_start(state)
         perm = torch.randperm(len(x), generator=gen).to(device)
         perm = perm[rank * per_rank : (rank + 1) * per_rank]
-        epoch_loss, n_batches = 0.0, 0
+        epoch_loss = torch.zeros((), device=device)
+        n_batches = 0
         for s in range(steps_per_epoch):
             if state.step >= total:
                 break
@@ -221,13 +223,15 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state.step += 1
-            state.last_loss = float(loss.detach())
-            epoch_loss += state.last_loss
+            epoch_loss += loss.detach()  # stays on the device: no host sync per step
             n_batches += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{state.last_loss:.3f}", refresh=False)
+            if state.step % 25 == 0:
+                state.last_loss = float(loss.detach())
+                bar.set_postfix(epoch=epoch, loss=f"{state.last_loss:.3f}", refresh=False)
             hooks.on_step_end(state)
-        state.history.append({"epoch": epoch, "loss": epoch_loss / max(1, n_batches)})
+        state.last_loss = float(epoch_loss) / max(1, n_batches)
+        state.history.append({"epoch": epoch, "loss": state.last_loss})
         hooks.on_epoch_end(state)
         if checkpoint is not None and rank == 0:
             _save_checkpoint(checkpoint, state, gen, epoch + 1)

@@ -1,0 +1,246 @@
+"""``bdseal bench``: a matrix of cells (datasets × attacks × defenses × seeds) run through
+:func:`bdseal.experiment.run.run_experiment`, resumable and without duplicated work.
+
+- A matrix comes from ``bdseal/conf/bench/<name>.yaml`` (or any YAML path) with list overrides on top,
+  e.g. ``bdseal bench bench=demo attacks=[badnets,blend] seeds=[0,1] train.epochs=5``: keys of
+  :class:`BenchSpec` set the matrix, every other ``key=value`` is a Hydra override for all cells.
+- Each cell's config is composed with :func:`bdseal.experiment.config.compose_config` exactly as
+  ``bdseal run`` would; its key is :func:`bdseal.experiment.store.cell_hash` (the resolved config minus
+  out/progress/cache settings). Its run dir is ``<out>/runs/<hash>`` and its row goes to
+  ``<out>/results.sqlite``. A cell is done only when its row is in the store: cells found there are
+  skipped, so an interrupted bench resumes where it stopped; a run dir without a row (a crash
+  mid-cell) is overwritten. Identical cells (same hash) run once.
+- All cells share one artefact cache (``<out>/cache`` unless ``cache_dir`` is set), so poisoned sets,
+  backdoored baselines and self-supervised backbones are computed once per matrix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from bdseal.experiment import run as run_mod
+from bdseal.experiment.config import compose_config
+from bdseal.metrics import clean_json
+from bdseal.experiment.store import STORE_FILE_NAMES, ResultStore, Row, cell_hash, ingest_run_dirs, resolved_config
+
+log = logging.getLogger("bdseal.bench")
+
+STORE_NAME = STORE_FILE_NAMES[0]
+
+
+@dataclass
+class BenchSpec:
+    """A benchmark matrix. ``attacks_by_defense`` restricts a defense to the attacks its paper evaluates
+    (defenses not listed get ``attacks``); ``*_overrides`` add Hydra overrides to the cells of one
+    dataset / attack / defense; ``overrides`` apply to every cell."""
+
+    name: str = "bench"
+    datasets: list[str] = field(default_factory=lambda: ["digits"])
+    attacks: list[str] = field(default_factory=lambda: ["badnets"])
+    defenses: list[str] = field(default_factory=lambda: ["none"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    attacks_by_defense: dict[str, list[str]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    dataset_overrides: dict[str, list[str]] = field(default_factory=dict)
+    attack_overrides: dict[str, list[str]] = field(default_factory=dict)
+    defense_overrides: dict[str, list[str]] = field(default_factory=dict)
+    out: str = "bench"
+    cache_dir: str | None = None
+    skip_missing: bool = True  # skip attacks/defenses that are not registered (yet) instead of failing
+    keep_going: bool = False  # log a failing cell and go on (it stays undone) instead of stopping
+    progress: bool = True  # the bench's progress bar; cells run with progress=false
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.out) / STORE_NAME
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    attack: str
+    defense: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}/{self.attack}/{self.defense}/s{self.seed}"
+
+
+@dataclass
+class BenchResult:
+    ran: list[str] = field(default_factory=list)  # hashes run now
+    skipped: list[str] = field(default_factory=list)  # hashes already in the store
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (cell label, error)
+    missing: list[str] = field(default_factory=list)  # names skipped because they are not registered
+    store: Path | None = None
+
+
+def bench_config_path(name: str) -> Path:
+    """``bdseal/conf/bench/<name>.yaml``, or ``name`` itself when it is a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    packaged = resources.files("bdseal.conf") / "bench" / f"{name}.yaml"
+    if not packaged.is_file():
+        known = sorted(f.name[:-5] for f in (resources.files("bdseal.conf") / "bench").iterdir() if f.name.endswith(".yaml"))
+        raise ValueError(f"unknown bench config {name!r}: not a YAML file and not one of {known}")
+    return Path(str(packaged))
+
+
+_SPEC_KEYS = {f.name for f in fields(BenchSpec)}
+_AXES = {"dataset": "datasets", "attack": "attacks", "defense": "defenses", "seed": "seeds"}
+
+
+def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
+    """``bench=NAME`` + matrix keys (``attacks=[a,b]``...) + cell overrides; returns the spec and the
+    command options ``dry_run`` / ``ingest``."""
+    bench_name, matrix, cell_over, options = None, [], [], {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"bench: expected key=value, got {arg!r}")
+        if key == "bench":
+            bench_name = value
+        elif key in ("dry_run", "ingest"):
+            options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([arg]))[key]  # type: ignore[index]
+        elif key in _SPEC_KEYS:
+            matrix.append(arg)
+        elif key in _AXES:
+            raise ValueError(f"bench: {arg!r} would fix one axis of the matrix for every cell; use {_AXES[key]}=[...]")
+        else:
+            cell_over.append(arg)
+    base = OmegaConf.load(bench_config_path(bench_name)) if bench_name else OmegaConf.create({})
+    merged = OmegaConf.merge(OmegaConf.structured(BenchSpec), base, OmegaConf.from_dotlist(matrix))
+    spec = BenchSpec(**OmegaConf.to_container(merged))  # type: ignore[arg-type]
+    given = {a.partition("=")[0] for a in matrix}
+    if "attacks" in given and "attacks_by_defense" not in given:
+        spec.attacks_by_defense = {}  # attacks=[...] on the command line applies to every defense
+    spec.overrides = [*spec.overrides, *cell_over]
+    return spec, options
+
+
+def _has_config(group: str, name: str) -> bool:
+    return (resources.files("bdseal.conf") / group / f"{name}.yaml").is_file()
+
+
+def _expand(names: list[str], group: str) -> list[str]:
+    """``all`` -> every registered name of ``group`` (attack | defense)."""
+    if list(names) != ["all"]:
+        return list(names)
+    if group == "defense":
+        from bdseal.defenses import list_defenses
+
+        return list_defenses()
+    from bdseal.attacks import list_attacks
+
+    return ["none", *list_attacks()]
+
+
+def available(group: str, name: str) -> bool:
+    """Registered in its registry and with a config in ``bdseal/conf/<group>/``."""
+    if not _has_config(group, name):
+        return False
+    if group == "defense":
+        from bdseal.defenses import list_defenses
+
+        return name in list_defenses()
+    if group == "attack":
+        from bdseal.attacks import list_attacks
+
+        return name == "none" or name in list_attacks()
+    return True
+
+
+def plan_cells(spec: BenchSpec, missing: list[str] | None = None) -> list[Cell]:
+    """The matrix's cells in run order (dataset, defense, attack, seed). Unavailable names are skipped
+    (and appended to ``missing``) when ``spec.skip_missing``, else an error."""
+    cells = []
+    defenses = _expand(spec.defenses, "defense")
+    for group, names in (("dataset", spec.datasets), ("defense", defenses),
+                         ("attack", sorted({a for d in defenses for a in spec.attacks_by_defense.get(d, _expand(spec.attacks, "attack"))}))):
+        for n in names:
+            if not available(group, n):
+                if not spec.skip_missing:
+                    raise ValueError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/{n}.yaml)")
+                if missing is not None and f"{group}={n}" not in missing:
+                    missing.append(f"{group}={n}")
+    for ds, df in itertools.product(spec.datasets, defenses):
+        attacks = spec.attacks_by_defense.get(df, _expand(spec.attacks, "attack"))
+        for at, seed in itertools.product(attacks, spec.seeds):
+            if not (available("dataset", ds) and available("defense", df) and available("attack", at)):
+                continue
+            over = (f"dataset={ds}", f"attack={at}", f"defense={df}", f"seed={int(seed)}", *spec.overrides,
+                    *spec.dataset_overrides.get(ds, []), *spec.attack_overrides.get(at, []), *spec.defense_overrides.get(df, []))
+            cells.append(Cell(ds, at, df, int(seed), over))
+    return cells
+
+
+def cell_config(cell: Cell, spec: BenchSpec) -> tuple[DictConfig, str]:
+    """The composed config of ``cell`` pointed at its run dir and the bench's cache, and its hash."""
+    cfg = compose_config(list(cell.overrides))
+    h = cell_hash(cfg)
+    cfg.out = str(Path(spec.out) / "runs" / h)
+    cfg.cache_dir = str(spec.cache_path)
+    cfg.progress = False
+    cfg.overwrite = True  # only ever this cell's own dir, and only when its row is not in the store
+    return cfg, h
+
+
+def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
+    """Run every cell of ``spec`` whose row is not in the store yet."""
+    store = ResultStore(spec.store_path)
+    result = BenchResult(store=spec.store_path)
+    cells = plan_cells(spec, result.missing)
+    for m in result.missing:
+        log.warning("bench %s: skipping %s (not registered or no config)", spec.name, m)
+    done = store.hashes()
+    todo: list[tuple[Cell, DictConfig, str]] = []
+    for cell in cells:
+        cfg, h = cell_config(cell, spec)
+        if h in done or any(h == t[2] for t in todo):
+            result.skipped.append(h)
+        else:
+            todo.append((cell, cfg, h))
+    log.info("bench %s: %d cells, %d done, %d to run; store %s", spec.name, len(cells), len(result.skipped), len(todo), spec.store_path)
+    if dry_run:
+        for cell, _, h in todo:
+            print(f"{h}  {cell.label}  {' '.join(cell.overrides[4:])}")
+        return result
+    bar = tqdm(todo, desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
+    for cell, cfg, h in bar:
+        bar.set_postfix_str(cell.label, refresh=True)
+        t0 = time.time()
+        try:
+            metrics = run_mod.run_experiment(cfg)
+        except Exception as e:  # a KeyboardInterrupt propagates: the cell stays undone
+            if not spec.keep_going:
+                raise
+            log.error("bench %s: cell %s failed: %s: %s", spec.name, cell.label, type(e).__name__, e)
+            result.failed.append((cell.label, f"{type(e).__name__}: {e}"))
+            continue
+        store.add(Row(h, cell.dataset, str(cfg.model.name), cell.attack, cell.defense, cell.seed,
+                      resolved_config(cfg), clean_json(metrics), str(cfg.out)))  # type: ignore[arg-type]
+        result.ran.append(h)
+        log.info("bench %s: %s done in %.1fs (acc %.4f asr %s)", spec.name, cell.label, time.time() - t0,
+                 metrics.get("clean_acc", float("nan")), metrics.get("asr"))
+    return result
+
+
+def ingest(spec: BenchSpec, roots: list[str]) -> int:
+    """Add finished run dirs (e.g. from ``bdseal run -m hydra/launcher=submitit_slurm ...``) to the store."""
+    return ingest_run_dirs(ResultStore(spec.store_path), roots)

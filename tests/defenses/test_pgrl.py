@@ -1,0 +1,192 @@
+"""Unit tests of PGRL's pieces: LCV pseudo-labels, voting, Eq. 3 weights, the WCE loss, densities."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdseal.defenses.pgrl import (
+    PGRLConfig, SphereClassifier, fresh_weights, gaussian_max_log_density, lcv_plans, lcv_pseudo_labels,
+    normalize_weights, plot_weight_distribution, umap_reduce, vote_labels, wce_log_density, wce_loss,
+)
+from bdseal.models import build_model
+
+
+def _half_circle(n: int = 230, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(n, generator=g, dtype=torch.float64) * math.pi
+    return torch.stack([theta.cos(), theta.sin()], 1)
+
+
+def test_fig7_toy_lcv_balances_where_cosine_argmax_collapses():
+    """Seed App. E, Fig. 7: 230 points on the upper half circle, two prototypes. The seed's text lost
+    the prototype coordinates; with '0' at the top (0, 1) and '1' at the bottom (0, −1) plain cosine
+    argmax puts *every* point on '0' (Fig. 7a). LCV with its real settings (ε = 0.05, 3 SwAV
+    iterations) splits them far more evenly (Fig. 7b)."""
+    pts = _half_circle()
+    cos = pts @ torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=torch.float64).T
+    assert torch.bincount(cos.argmax(1), minlength=2).tolist() == [230, 0]
+    labels, mean_plan = lcv_pseudo_labels(cos[None], epsilon=0.05, iterations=3)
+    counts = torch.bincount(labels, minlength=2)
+    assert int(counts.min()) >= 0.35 * 230, counts
+    assert torch.allclose(mean_plan.sum(1), torch.ones(230), atol=1e-5)
+    # the points sent to '1' are those least similar to '0' (the two ends of the arc)
+    assert cos[labels == 1, 0].max() < cos[labels == 0, 0].min()
+
+
+def _swav_reference(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """SwAV's distributed_sinkhorn written out plainly (classes first, then samples)."""
+    q = torch.exp(scores / eps).T
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q = q / q.sum(1, keepdim=True) / k
+        q = q / q.sum(0, keepdim=True) / b
+    return (q * b).T
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_lcv_plans_match_swav_sinkhorn(iters):
+    g = torch.Generator().manual_seed(1)
+    s = F.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1) @ \
+        F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1).T
+    plans = lcv_plans(s[None], 0.05, iters)
+    assert plans.shape == (1, 40, 5)
+    assert torch.allclose(plans[0].double(), _swav_reference(s, 0.05, iters), atol=1e-6)
+
+
+def test_observed_marginal_shifts_assignment():
+    pts = _half_circle()
+    cos = pts @ torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=torch.float64).T
+    uni = torch.bincount(lcv_pseudo_labels(cos[None])[0], minlength=2)
+    skew = torch.bincount(lcv_pseudo_labels(cos[None], col_marginal=torch.tensor([0.9, 0.1]))[0], minlength=2)
+    assert skew[0] > uni[0]
+
+
+def test_majority_voting_and_average():
+    # 3 views, 2 samples, 3 classes. Sample 0: views vote 1, 1, 2 but view 2 is very confident in 2.
+    plans = torch.tensor([
+        [[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]],
+        [[0.1, 0.5, 0.4], [0.2, 0.7, 0.1]],
+        [[0.0, 0.01, 0.99], [0.3, 0.6, 0.1]],
+    ])
+    assert vote_labels(plans, "majority").tolist() == [1, 1]
+    assert vote_labels(plans, "average").tolist() == [2, 1]  # mean of sample 0: [.07, .34, .60]
+    # a 1-1-1 tie goes to the class with the larger averaged plan
+    tie = torch.tensor([[[0.9, 0.1, 0.0]], [[0.0, 0.6, 0.4]], [[0.4, 0.05, 0.55]]])  # mean [.43, .25, .32]
+    assert vote_labels(tie, "majority").tolist() == [0]
+    with pytest.raises(ValueError):
+        vote_labels(plans, "plurality")
+
+
+def test_weight_normalisation_top_tau_at_one_rest_in_range():
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(1000, generator=g, dtype=torch.float64)
+    w = normalize_weights(d, tau=0.9)
+    assert w.min() == pytest.approx(-1.0) and w.max() == pytest.approx(1.0)
+    assert ((w >= -1 - 1e-6) & (w <= 1 + 1e-6)).all()
+    top = d > torch.sort(d, descending=True).values[900]
+    assert int(top.sum()) == 900 and torch.all(w[top] == 1.0)
+    rest = ~top  # min-max rescaled, order preserved
+    order = torch.argsort(d[rest])
+    assert torch.all(torch.diff(w[rest][order]) >= 0)
+    assert w[rest][order][0] == pytest.approx(-1.0) and w[rest][order][-1] == pytest.approx(1.0)
+    lo, hi = d[rest].min(), d[rest].max()
+    assert torch.allclose(w[rest].double(), 2 * (d[rest] - lo) / (hi - lo) - 1, atol=1e-6)
+    # τ = 0: every sample in the rescaled part
+    w0 = normalize_weights(d, tau=0.0)
+    assert int((w0 == 1.0).sum()) == 1
+    with pytest.raises(ValueError):
+        normalize_weights(d, tau=1.5)
+
+
+def test_fresh_weights_from_log_density_scale_invariant():
+    logd = torch.tensor([-1.0, -2.0, -50.0, -1000.0, -3.0] * 4, dtype=torch.float64)
+    w1, w2 = fresh_weights(logd, 0.5), fresh_weights(logd + 400.0, 0.5)
+    assert torch.allclose(w1, w2)
+    assert torch.all(w1[logd == -1000.0] == -1.0)
+
+
+def test_wce_loss_matches_hand_computation_with_stopping_term():
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.5]])
+    labels = torch.tensor([0, 1, 0, 0])
+    w = torch.tensor([1.0, -0.5, -1.0, 0.3])
+    # sample 1: w<0 and predicted 0 != 1 -> already forgotten -> w̃ = 0
+    # sample 2: w<0, predicted 1 != 0 -> misclassified -> w̃ = 0
+    ce = [math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(2.0)), math.log(1 + math.exp(3.0)),
+          math.log(1 + math.exp(-0.5))]
+    expected = 1.0 * ce[0] + 0.0 * ce[1] + 0.0 * ce[2] + 0.3 * ce[3]
+    assert float(wce_loss(logits, labels, w)) == pytest.approx(expected, rel=1e-5)
+    # a negative weight on a still-correct view is kept (unlearning continues)
+    w2 = torch.tensor([-0.5, 1.0, 1.0, 1.0])
+    exp2 = -0.5 * ce[0] + ce[1] + ce[2] + ce[3]
+    assert float(wce_loss(logits, labels, w2)) == pytest.approx(exp2, rel=1e-5)
+    assert float(wce_loss(logits, labels, w2, "mean")) == pytest.approx(exp2 / 4, rel=1e-5)
+
+
+def test_wce_loss_bounded_below_under_unlearning():
+    """Gradient descent on a single negative-weight sample stops once it is misclassified."""
+    logits = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0])
+    for _ in range(200):
+        loss = wce_loss(logits, y, torch.tensor([-1.0]))
+        if loss.requires_grad and loss.grad_fn is not None:
+            logits.grad = None
+            loss.backward()
+            with torch.no_grad():
+                logits -= 0.5 * logits.grad
+    assert logits.argmax(1).item() == 1 and float(wce_loss(logits, y, torch.tensor([-1.0])).detach()) == 0.0
+    assert logits.abs().max() < 5.0
+
+
+def test_gaussian_density_is_max_over_anchors_in_log_space():
+    pts = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    anchors = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+    ld = gaussian_max_log_density(pts, anchors)
+    ref = [max(-0.5 * float(((p - a) ** 2).sum()) - math.log(2 * math.pi) for a in anchors) for p in pts]
+    assert torch.allclose(ld, torch.tensor(ref, dtype=torch.float64))
+
+
+def test_umap_density_separates_far_cluster():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(10, 16, generator=g)
+    near = clean.repeat(4, 1) + 0.1 * torch.randn(40, 16, generator=g)
+    far = torch.randn(8, 16, generator=g) + 8.0
+    feats, labels = torch.cat([near, far]), torch.zeros(48, dtype=torch.long)
+    logd = wce_log_density(feats, labels, clean, torch.zeros(10, dtype=torch.long), 1, dim=4, n_neighbors=8, seed=0,
+                           n_epochs=60)
+    assert logd[40:].max() < logd[:40].min()
+    w = fresh_weights(logd, 0.8)
+    assert torch.all(w[40:] < w[:40].min() + 1e-6)
+    # tiny sets skip UMAP
+    assert umap_reduce(np.zeros((5, 3), dtype=np.float32), dim=10).shape == (5, 3)
+
+
+def test_sphere_classifier_shapes_and_norm():
+    backbone = build_model("small_half", 10, in_channels=3, image_size=32)
+    m = SphereClassifier(backbone, 10, hidden_dim=32, sphere_dim=16)
+    x = torch.rand(4, 3, 32, 32)
+    z, logits = m.embed(x)
+    assert z.shape == (4, 16) and logits.shape == (4, 10)
+    assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert (m.features(x) >= 0).all()
+    assert torch.equal(m(x), logits)
+
+
+def test_config_validation():
+    assert PGRLConfig.from_dict({"name": "pgrl", "clean_per_class": 3}).clean_per_class == 3
+    with pytest.raises(ValueError, match="unknown PGRL option"):
+        PGRLConfig.from_dict({"sphere_dims": 4})
+    with pytest.raises(ValueError):
+        PGRLConfig.from_dict({"marginal": "zipf"})
+
+
+def test_plot_weight_distribution(tmp_path):
+    w = torch.linspace(-1, 1, 50)
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[:5] = True
+    p = plot_weight_distribution(w, mask, path=tmp_path / "w.png")
+    assert p.exists() and p.stat().st_size > 1000
+    assert plot_weight_distribution(w, path=tmp_path / "w2.png").exists()

@@ -1,0 +1,101 @@
+"""report on a hand-made store (no training): aggregation over seeds, Γ and detection tables, HTML,
+and the docs/BENCHMARKS.md generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from bdseal.experiment.report import Stat, aggregate, fmt, make_report
+from bdseal.experiment.store import ResultStore, Row, cell_hash, ingest_run_dirs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_row(attack: str, defense: str, seed: int, acc: float, asr: float | None, **extra) -> Row:
+    cfg = {"dataset": {"name": "cifar10", "train_per_class": 200, "test_per_class": 200}, "attack": {"name": attack, "rate": 0.1},
+           "defense": {"name": defense}, "seed": seed, "model": {"name": "small_half"}, "defender": {"holdout": 0.05},
+           "train": {"epochs": 8, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "augment": "crop_flip"},
+           "device": "cpu"}
+    metrics = {"clean_acc": acc, "asr": asr, "time_s": 10.0 + seed, "n_train": 1900, **extra}
+    return Row(cell_hash(cfg), "cifar10", "small_half", attack, defense, seed, cfg, metrics)
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    s = ResultStore(tmp_path / "results.sqlite")
+    for seed, (a0, a1) in enumerate([(0.90, 0.80), (0.92, 0.84)]):
+        s.add(fake_row("badnets", "none", seed, a0, 1.0))
+        s.add(fake_row("none", "none", seed, a0 + 0.01, None))
+        s.add(fake_row("badnets", "gssd", seed, a1, 0.02 * (seed + 1), dem=0.9 + 0.02 * seed,
+                       baseline={"clean_acc": a0, "asr": 1.0}, detection={"tpr": 0.9, "fpr": 0.05 + 0.01 * seed, "auroc": 0.97},
+                       relabel_acc=0.8))
+    return tmp_path
+
+
+def test_store_is_atomic_and_refuses_duplicates(store):
+    s = ResultStore(store / "results.sqlite")
+    assert len(s) == 6
+    with pytest.raises(Exception, match="UNIQUE"):
+        s.add(fake_row("badnets", "none", 0, 0.5, 1.0))
+    assert len(s) == 6 and s.rows()[0].metrics["clean_acc"] in (0.90, 0.92, 0.80, 0.84, 0.91, 0.93)
+
+
+def test_aggregate_mean_std_and_format(store):
+    agg = aggregate(ResultStore(store / "results.sqlite").rows())
+    acc = agg[("cifar10", "badnets", "gssd")]["acc"]
+    assert acc.mean == pytest.approx(0.82) and acc.std == pytest.approx(0.028284, rel=1e-4) and acc.n == 2
+    assert "asr" not in agg[("cifar10", "none", "none")]  # null ASR of a clean run is not a number
+    assert fmt(acc, "acc") == "82.0 ± 2.8" and fmt(Stat(0.9, 0.0, 1), "dem") == "0.90" and fmt(None, "acc") == "–"
+
+
+def test_report_tables_dem_detection_html(store):
+    rep = make_report(store, out=store / "rep")
+    names = [t.name for t in rep["tables"]]
+    assert names == ["cifar10_acc_asr", "cifar10_dem", "cifar10_detection", "cifar10_time"]
+    acc_asr = rep["tables"][0]
+    assert acc_asr.header == ["Attack", "none ACC", "none ASR", "gssd ACC", "gssd ASR"]
+    assert acc_asr.rows[0] == ["none", "92.0 ± 1.4", "–", "–", "–"]
+    assert acc_asr.rows[1] == ["badnets", "91.0 ± 1.4", "100.0 ± 0.0", "82.0 ± 2.8", "3.0 ± 1.4"]
+    assert acc_asr.rows[2] == ["Average", "91.5", "100.0", "82.0", "3.0"]  # ASR average leaves out attack=none
+    dem = rep["tables"][1]
+    assert dem.rows == [["badnets", "0.91 ± 0.01"], ["Average", "0.91"]]
+    det = rep["tables"][2]
+    assert det.header[2:5] == ["TPR", "FPR", "AUROC"] and det.rows == [["badnets", "gssd", "90.0 ± 0.0", "5.5 ± 0.7", "97.0 ± 0.0", "80.0 ± 0.0"]]
+    assert (store / "rep" / "plots" / "cifar10_dem_bars.png").exists()
+    page = (store / "rep" / "report.html").read_text()
+    assert page.count("<table>") == 4 and page.count("data:image/png;base64,") == 4
+
+
+def test_ingest_and_benchmarks_script(store, tmp_path):
+    # a finished run dir (as `bdseal run -m` writes it) is ingested once
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "multirun" / "0"
+    run.mkdir(parents=True)
+    r = fake_row("blend", "none", 0, 0.88, 0.97)
+    OmegaConf.save(OmegaConf.create({**r.config, "out": str(run), "progress": False}), run / "config.yaml")
+    (run / "metrics.json").write_text(json.dumps(r.metrics))
+    s = ResultStore(store / "results.sqlite")
+    assert ingest_run_dirs(s, [tmp_path / "multirun"]) == 1 and ingest_run_dirs(s, [tmp_path / "multirun"]) == 0
+    assert [x for x in s.rows() if x.attack == "blend"][0].config_hash == r.config_hash  # out/progress not hashed
+
+    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    speed = {"machine": {"platform": "p", "torch": "t", "device": "cpu", "cpu_threads": 2, "cpu_count": 2},
+             "loop": {"model": "small_half", "params": {}, "batch_size": 16, "steps": 3, "image_size": 16, "repeats": 1,
+                      "bare_images_per_s": 110.0, "fit_images_per_s": 100.0, "fit_crop_flip_images_per_s": 90.0,
+                      "overhead": 1.1, "overhead_with_crop_flip": 1.22, "goal": 1.1},
+             "defense_times": {"cell": ["dataset=digits"], "plain_training_s": 10.0, "skipped": {"vibe": "not registered"},
+                               "defenses": {"pgrl": {"seconds": 12.0, "x_plain_training": 1.2, "post_hoc": False}}}}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    out = tmp_path / "BENCHMARKS.md"
+    assert mod.main(["--store", str(store), "--speed", str(tmp_path / "speed.json"), "--out", str(out), "--command", "bdseal bench X"]) == 0
+    text = out.read_text()
+    assert "Reduced scale, CPU" in text and "bdseal bench X" in text and "200 training images per class" in text
+    assert "GSSD paper, Table 1" in text and "| badnets | 94.90 | 100.00 | 91.70 | 0.14 | 91.0 ± 1.4 | 100.0 ± 0.0 | 82.0 ± 2.8 | 3.0 ± 1.4 |" in text
+    assert "| pgrl | 12.0 | 1.20 | 1.16 (PGRL Table 3) |" in text and "`vibe` (not registered)" in text
