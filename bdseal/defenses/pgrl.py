@@ -170,18 +170,9 @@ def umap_reduce(x: np.ndarray, dim: int = 10, n_neighbors: int = 15, seed: int =
     n = x.shape[0]
     if n <= dim + 2:
         return x.astype(np.float32)
-    import umap  # heavy import (numba): only when weights are computed
+    from bdseal.knn import umap_embed
 
-    k = max(2, min(n_neighbors, n - 1))
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    dist = torch.cdist(t, t)
-    knn_d, knn_i = dist.topk(k, dim=1, largest=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_components=dim, n_neighbors=k, random_state=seed, n_epochs=n_epochs,
-                            precomputed_knn=(knn_i.numpy().astype(np.int64), knn_d.numpy().astype(np.float32), None),
-                            init="spectral" if n > dim + 10 else "random")
-        return reducer.fit_transform(t.numpy()).astype(np.float32)
+    return umap_embed(x, dim, n_neighbors, seed, n_epochs, init="spectral" if n > dim + 10 else "random")
 
 
 def wce_log_density(feats: torch.Tensor, labels: torch.Tensor, clean_feats: torch.Tensor, clean_labels: torch.Tensor,

@@ -74,30 +74,14 @@ def plot_sigma_distribution(score: torch.Tensor, poison_mask: torch.Tensor | Non
     return _save(fig, path)
 
 
-def exact_knn(features: torch.Tensor, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours (self included first) with ``torch.cdist``, chunked: (indices, dists)."""
-    x = torch.as_tensor(features).float()
-    idx, dst = [], []
-    for i in range(0, len(x), chunk):
-        d = torch.cdist(x[i:i + chunk], x)
-        vals, ind = d.topk(k, largest=False)
-        idx.append(ind)
-        dst.append(vals)
-    return torch.cat(idx).numpy().astype(np.int64), torch.cat(dst).numpy().astype(np.float32)
-
-
 def plot_umap(features: torch.Tensor, labels: torch.Tensor, poison_mask: torch.Tensor | None = None, *,
               n_neighbors: int = 15, seed: int = 0, path: str | Path | None = None):
     """Fig. 1: 2-D UMAP (umap-learn, precomputed exact kNN from ``torch.cdist`` instead of its approximate
     search) coloured by class, poisoned samples in black when ``poison_mask`` is given."""
-    import umap
+    from bdseal.knn import umap_embed
 
     plt = _plt()
-    x = torch.as_tensor(features).float()
-    k = min(n_neighbors, len(x) - 1)
-    knn_i, knn_d = exact_knn(x, k)
-    reducer = umap.UMAP(n_neighbors=k, n_components=2, random_state=seed, precomputed_knn=(knn_i, knn_d, None))
-    emb = reducer.fit_transform(x.numpy())
+    emb = umap_embed(torch.as_tensor(features).float(), 2, n_neighbors=n_neighbors, seed=seed)
     y = torch.as_tensor(labels).cpu().numpy()
     fig, ax = plt.subplots(figsize=(5, 5))
     m = np.zeros(len(y), dtype=bool) if poison_mask is None else torch.as_tensor(poison_mask).bool().cpu().numpy()

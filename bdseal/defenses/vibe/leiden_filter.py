@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bdseal.knn import exact_knn
+
 
 @dataclass
 class LeidenResult:
@@ -31,17 +33,11 @@ class LeidenResult:
                 "removed_cluster": self.removed, "n_removed": int((~self.keep).sum())}
 
 
-def knn_edges(features: torch.Tensor, k: int, chunk: int = 4096) -> np.ndarray:
+def knn_edges(features: torch.Tensor, k: int) -> np.ndarray:
     """Undirected edge list (E, 2) of the symmetric (union) exact kNN graph, self excluded."""
     n = len(features)
     k = min(k, n - 1)
-    f = features.float()
-    nbrs = []
-    for s in range(0, n, chunk):
-        d = torch.cdist(f[s:s + chunk], f)
-        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
-        nbrs.append(d.topk(k, dim=1, largest=False).indices)
-    j = torch.cat(nbrs).reshape(-1)
+    j = exact_knn(features, k, include_self=False)[0].reshape(-1)
     i = torch.arange(n).repeat_interleave(k)
     e = torch.stack([torch.minimum(i, j), torch.maximum(i, j)], 1)
     return torch.unique(e, dim=0).numpy()
