@@ -33,12 +33,15 @@ class StagedClassifier(nn.Module):
         stages: "OrderedDict[str, nn.Module]",
         feature_dim: int,
         num_classes: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         pool: nn.Module | None = None,
+        in_channels: int = 3,
     ) -> None:
+        """``mean``/``std`` default to 0.5 / 0.25 per channel ([0, 1] -> [-2, 2])."""
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean if mean is not None else (0.5,) * in_channels,
+                                   std if std is not None else (0.25,) * in_channels)
         self.stages = nn.ModuleDict(stages)
         self.pool = pool if pool is not None else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feature_dim = feature_dim

@@ -79,8 +79,9 @@ class DenseNet(StagedClassifier):
             stages,
             feature_dim=ch,
             num_classes=num_classes,
-            mean=mean if mean is not None else (0.5,) * in_channels,
-            std=std if std is not None else (0.25,) * in_channels,
+            mean=mean,
+            std=std,
+            in_channels=in_channels,
         )
 
 
