@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from bdseal.attacks import AttackConfigError, build_and_poison, build_attack
-from bdseal.attacks.triggers.freq import block_dct, block_idct, dct_matrix, rgb_to_yuv, yuv_to_rgb
+from bdseal.attacks.nets import dct_matrix
+from bdseal.attacks.triggers.freq import block_dct, block_idct, rgb_to_yuv, yuv_to_rgb
 from bdseal.data.dataset import ImageDataset
 
 
@@ -13,7 +14,7 @@ def _mid(shape, seed=0):
 
 
 def test_dct_is_orthonormal_and_round_trips():
-    d = dct_matrix(32, torch.float64)
+    d = dct_matrix(32, dtype=torch.float64)
     assert torch.allclose(d @ d.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
     x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
     assert torch.allclose(block_idct(block_dct(x, 32), 32), x, atol=1e-10)

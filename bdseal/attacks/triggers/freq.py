@@ -20,25 +20,16 @@ set ``yuv: false`` and ``channels: [0]``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from bdseal.attacks.base import Attack, register_attack
+from bdseal.attacks.nets import dct_matrix
 from bdseal.attacks.plan import AttackConfigError
 
 RGB_TO_YUV = torch.tensor(
     [[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]], dtype=torch.float64
 )
-
-
-def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n, n) orthonormal DCT-II matrix D (D @ D.T = I): X = D x, x = D.T X."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
-    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d.to(dtype=dtype, device=device)
 
 
 def _blocks(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,13 +40,13 @@ def _blocks(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def block_dct(x: torch.Tensor, n: int) -> torch.Tensor:
     """Orthonormal 2-D DCT-II of every n×n block; H and W must be multiples of n."""
-    d = dct_matrix(n, x.dtype, x.device)
+    d = dct_matrix(n, device=x.device, dtype=x.dtype)
     return torch.einsum("ki,bcpiqj,lj->bcpkql", d, _blocks(x, n), d).reshape(x.shape)
 
 
 def block_idct(x: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of ``block_dct``."""
-    d = dct_matrix(n, x.dtype, x.device)
+    d = dct_matrix(n, device=x.device, dtype=x.dtype)
     return torch.einsum("ki,bcpkql,lj->bcpiqj", d, _blocks(x, n), d).reshape(x.shape)
 
 
