@@ -55,17 +55,44 @@ class StagedClassifier(nn.Module):
     def forward_with(
         self, x: torch.Tensor, layers: Sequence[str] = ()
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and the outputs of the named stages (in the order they are computed)."""
-        unknown = set(layers) - set(self.stages.keys())
+        """Logits and the outputs of the named layers.
+
+        A name is a stage (``"layer4"``) or the dotted path of any submodule (``"stages.layer4.1.conv2"``,
+        as in ``named_modules()``); submodule outputs are captured with temporary forward hooks, so they
+        stay in the autograd graph (PGBD differentiates through the raw last-conv output, REFERENCE)."""
+        stage_names = set(self.stages.keys())
+        modules = dict(self.named_modules())
+        unknown = [n for n in layers if n not in stage_names and (n not in modules or n == "")]
         if unknown:
-            raise KeyError(f"unknown layer(s) {sorted(unknown)}; this model has {self.layer_names}")
+            raise KeyError(f"unknown layer(s) {sorted(unknown)}; this model has stages {self.layer_names} "
+                           f"or submodules such as {self.last_conv_name()!r}")
         acts: dict[str, torch.Tensor] = {}
-        h = self.normalize(x)
-        for name, stage in self.stages.items():
-            h = stage(h)
-            if name in layers:
-                acts[name] = h
-        return self.head(self.pool(h)), acts
+        handles = [modules[n].register_forward_hook(self._capture(acts, n)) for n in layers if n not in stage_names]
+        try:
+            h = self.normalize(x)
+            for name, stage in self.stages.items():
+                h = stage(h)
+                if name in layers:
+                    acts[name] = h
+            logits = self.head(self.pool(h))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, acts
+
+    @staticmethod
+    def _capture(store: dict[str, torch.Tensor], name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            store[name] = output
+        return hook
+
+    def last_conv_name(self) -> str:
+        """Dotted path of the last ``nn.Conv2d`` inside the stages (PGBD's layer: REFERENCE "last conv of
+        the last block", PreAct-RN18 ``layer4.1.conv2``)."""
+        convs = [n for n, m in self.named_modules() if n.startswith("stages.") and isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise ValueError(f"{type(self).__name__} has no Conv2d in its stages")
+        return convs[-1]
 
     def forward_from(self, h: torch.Tensor, layer: str) -> torch.Tensor:
         """Logits from the output ``h`` of stage ``layer`` (runs the remaining stages, pool and head)."""

@@ -168,3 +168,27 @@ def test_full_size_staged_forward(name: str) -> None:
         torch.testing.assert_close(model.head(model.features(x)), logits)
         for layer, h in acts.items():
             torch.testing.assert_close(model.forward_from(h, layer), logits)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet18", "small_half"])
+def test_forward_with_submodule_path_is_the_raw_last_conv(name: str) -> None:
+    """PGBD's layer (REFERENCE: PreAct-RN18 ``layer4.1.conv2``): a dotted submodule path gives that module's raw
+    output, differentiable w.r.t. the parameters before it, and no hook is left behind."""
+    model, x = _build(name)
+    model.eval()
+    path = model.last_conv_name()
+    conv = dict(model.named_modules())[path]
+    assert isinstance(conv, nn.Conv2d)
+    if name != "small_half":
+        assert path == "stages.layer4.1.conv2"
+    seen = {}
+    handle = conv.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    logits, acts = model.forward_with(x, [path, "layer4" if name != "small_half" else "block3"])
+    handle.remove()
+    torch.testing.assert_close(acts[path], seen["out"])
+    torch.testing.assert_close(logits, model(x))
+    (g,) = torch.autograd.grad(acts[path].sum(), _first_conv(model).weight)
+    assert g.abs().sum() > 0
+    assert not conv._forward_hooks
+    with pytest.raises(KeyError, match="unknown layer"):
+        model.forward_with(x, ["stages.nope"])

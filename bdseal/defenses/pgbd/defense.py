@@ -90,7 +90,7 @@ class _Sanitiser:
     def __init__(self, variant: str, model: nn.Module, clean: ImageDataset, cfg: dict[str, Any], ctx: RunContext,
                  nc: NCResult | None, target: int | None) -> None:
         self.variant, self.model, self.clean, self.ctx = variant, model, clean, ctx
-        self.layer = cfg.get("layer") or model.layer_names[-1]
+        self.layer = cfg.get("layer") or model.last_conv_name()  # REFERENCE: raw last-conv output
         self.space = cfg.get("space", "flatten")
         self.k = int(cfg.get("k", 3))
         self.lam = float(cfg.get("lam", 10.0))
