@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Generate docs/BENCHMARKS.md from a bench results store (and a bench-speed JSON).
+"""Generate docs/BENCHMARKS.md from bench results stores (and a bench-speed JSON).
 
     bdseal bench bench=cifar_cpu                                   # the reduced-scale CIFAR-10 matrix
     bdseal bench-speed out=bench/speed.json                        # loop overhead + defense timings
     python scripts/benchmarks.py --store bench/cifar_cpu --speed bench/speed.json \\
         --command "bdseal bench bench=cifar_cpu" --command "bdseal bench-speed out=bench/speed.json"
 
-Every number under "Our runs" is read from the store / the speed JSON; the scale is read from the runs'
-own resolved configs. The seed papers' numbers below are transcribed from the tables cited next to
-them (full-scale ResNet/PreAct-ResNet-18 runs on the full CIFAR-10) for reference only.
+``--store`` is repeatable: the per-paper matrices (``bdseal bench bench=gssd_cifar`` / ``pgbd_cifar`` /
+``pgrl_cifar`` / ``vibe_cifar`` / ``attacks_cifar``) can be added next to ``cifar_cpu``; their rows are
+merged (a cell held by several stores counts once). Every number under "Our runs" is read from the
+stores / the speed JSON; the scale is read from the runs' own resolved configs. The seed papers'
+numbers below are transcribed from the tables cited next to them (full-scale ResNet/PreAct-ResNet-18
+runs on the full CIFAR-10) for reference only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bdseal.experiment.report import Stat, aggregate, build_tables, fmt, resolve_store  # noqa: E402
+from bdseal.experiment.report import Stat, aggregate, build_tables, fmt, post_hoc_labels, resolve_store  # noqa: E402
 from bdseal.experiment.store import ResultStore, Row  # noqa: E402
 
 # Seed papers' CIFAR-10 numbers (%): attack (our registry name) -> values. Γ as a fraction.
@@ -61,22 +64,41 @@ PAPER_TIME_RATIO = {"pgrl": 4.4 / 3.8}
 
 
 def scale_of(rows: list[Row]) -> list[str]:
-    """The scale, read from the runs' resolved configs."""
+    """The scale, read from the runs' resolved configs: one line per dataset and distinct scale (data
+    sizes, model, epochs), naming the defenses of each scale when a dataset has several."""
+    groups: dict[tuple[Any, ...], list[Row]] = {}
+    for r in rows:
+        c = r.config
+        key = (r.dataset, c["dataset"].get("train_per_class"), c["dataset"].get("test_per_class"), c["model"]["name"],
+               c.get("train", {}).get("epochs"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for ds in sorted({r.dataset for r in rows}):
-        rs = [r for r in rows if r.dataset == ds]
+    for key in sorted(groups, key=str):
+        rs = groups[key]
+        ds = key[0]
         c = rs[0].config
         tr = c.get("train", {})
+        several = sum(k[0] == ds for k in groups) > 1
         out.append(
-            f"- **{ds}**: {c['dataset'].get('train_per_class') or 'all'} training images per class "
+            f"- **{ds}**{' (defenses ' + ', '.join(sorted({r.defense for r in rs})) + ')' if several else ''}: "
+            f"{c['dataset'].get('train_per_class') or 'all'} training images per class "
             f"({sorted({r.metrics.get('n_train') for r in rs})} used for training after holding out "
             f"{c['defender']['holdout']:.0%} as the defender's clean pool), {c['dataset'].get('test_per_class') or 'all'} test "
             f"images per class; model `{c['model']['name']}`; {tr.get('epochs')} epochs, batch {tr.get('batch_size')}, "
             f"{tr.get('optimizer')} lr {tr.get('lr')} ({tr.get('schedule')}), augmentation `{tr.get('augment')}`; "
-            f"poison rate {sorted({r.config['attack'].get('rate') for r in rs if r.attack != 'none'})}; "
+            f"poison rate {sorted({r.config['attack'].get('rate') for r in rs if r.config['attack'].get('name') != 'none'})}; "
             f"seeds {sorted({r.seed for r in rs})}; {len(rs)} runs; device `{c.get('device')}`."
         )
     return out
+
+
+def load_rows(stores: list[Path]) -> list[Row]:
+    """The rows of every store, each config hash once (the first store holding it wins)."""
+    rows: dict[str, Row] = {}
+    for store in stores:
+        for r in ResultStore(resolve_store(store)).rows():
+            rows.setdefault(r.config_hash, r)
+    return list(rows.values())
 
 
 def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = "cifar10") -> str:
@@ -139,13 +161,14 @@ def speed_section(speed: dict[str, Any] | None, speed_cmd: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def render(store: Path, speed: dict[str, Any] | None, commands: list[str], speed_cmd: str, note: str = "",
+def render(store: Path | list[Path], speed: dict[str, Any] | None, commands: list[str], speed_cmd: str, note: str = "",
            speed_path: str | None = None) -> str:
-    rows = ResultStore(resolve_store(store)).rows()
+    stores = list(store) if isinstance(store, (list, tuple)) else [store]
+    rows = load_rows(stores)
     if not rows:
-        raise SystemExit(f"{store}: no finished runs")
+        raise SystemExit(f"{', '.join(map(str, stores))}: no finished runs")
     agg = aggregate(rows)
-    tables = "\n".join(t.markdown() for t in build_tables(agg))
+    tables = "\n".join(t.markdown() for t in build_tables(agg, post_hoc_labels(rows)))
     defenses = sorted({r.defense for r in rows})
     cmds = "\n".join([*commands, speed_cmd] if speed else commands) or "(commands not recorded)"
     return f"""# Benchmarks
@@ -158,16 +181,18 @@ def render(store: Path, speed: dict[str, Any] | None, commands: list[str], speed
 
 ```bash
 {cmds}
-python scripts/benchmarks.py --store {store} {f'--speed {speed_path} ' if speed else ''}--out docs/BENCHMARKS.md
+python scripts/benchmarks.py {' '.join(f'--store {x}' for x in stores)} {f'--speed {speed_path} ' if speed else ''}--out docs/BENCHMARKS.md
 ```
 
 Scale (read from the runs' configs):
 
 {chr(10).join(scale_of(rows))}
 {chr(10) + note + chr(10) if note else ""}
-Defenses in this store: {', '.join(defenses)}. The full matrix (`bdseal bench bench=cifar_cpu`: every defense ×
+Defenses in {'this store' if len(stores) == 1 else 'these stores'}: {', '.join(defenses)}. The full matrix (`bdseal bench bench=cifar_cpu`: every defense ×
 the attacks its seed paper evaluates on CIFAR-10, see `bdseal/conf/bench/cifar_cpu.yaml`) fills in the rest;
-attacks or defenses that are not registered are skipped by `bench` and are absent here.
+attacks or defenses that are not registered are skipped by `bench` and are absent here. Each seed paper's
+own table setting is a bench config too (`bdseal bench bench=gssd_cifar|pgbd_cifar|pgrl_cifar|vibe_cifar|attacks_cifar`,
+then `bdseal report bench/<name>`).
 
 ## Our runs
 
@@ -182,7 +207,8 @@ attacks or defenses that are not registered are skipped by `bench` and are absen
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", required=True, help="bench directory or results.sqlite")
+    p.add_argument("--store", required=True, action="append", type=Path,
+                   help="bench directory or results.sqlite (repeatable: the stores' rows are merged)")
     p.add_argument("--speed", help="JSON written by `bdseal bench-speed out=...`")
     p.add_argument("--command", action="append", default=[], help="the exact bench command(s) run (repeatable)")
     p.add_argument("--speed-command", default="bdseal bench-speed out=FILE.json")
@@ -190,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a sentence about the machine / conditions of the runs")
     a = p.parse_args(argv)
     speed = json.loads(Path(a.speed).read_text()) if a.speed else None
-    text = render(Path(a.store), speed, a.command, a.speed_command, a.note, a.speed)
+    text = render(a.store, speed, a.command, a.speed_command, a.note, a.speed)
     Path(a.out).write_text(text)
     print(f"wrote {a.out}")
     return 0

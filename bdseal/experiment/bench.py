@@ -3,19 +3,27 @@
 
 - A matrix comes from ``bdseal/conf/bench/<name>.yaml`` (or any YAML path) with list overrides on top,
   e.g. ``bdseal bench bench=demo attacks=[badnets,blend] seeds=[0,1] train.epochs=5``: keys of
-  :class:`BenchSpec` set the matrix, every other ``key=value`` is a Hydra override for all cells.
+  :class:`BenchSpec` (also dotted: ``defense_overrides.pgrl=[...]``) set the matrix, every other
+  ``key=value`` is a Hydra override for all cells, applied after the bench file's overrides.
 - Each cell's config is composed with :func:`bdseal.experiment.config.compose_config` exactly as
   ``bdseal run`` would; its key is :func:`bdseal.experiment.store.cell_hash` (the resolved config minus
   out/progress/cache settings). Its run dir is ``<out>/runs/<hash>`` and its row goes to
   ``<out>/results.sqlite``. A cell is done only when its row is in the store: cells found there are
   skipped, so an interrupted bench resumes where it stopped; a run dir without a row (a crash
   mid-cell) is overwritten. Identical cells (same hash) run once.
+- Labels and variants: the names in ``datasets`` / ``attacks`` / ``defenses`` are labels. A label is the
+  config group option of the same name (``attack=blend``) unless its ``*_overrides`` entry holds a
+  ``group=OPTION`` override, which then picks the option: ``attack_overrides: {badnets_a2a:
+  [attack=pgbd/badnets, attack.mode=all_to_all]}`` makes the row ``badnets_a2a`` a PGBD-preset BadNets,
+  all-to-all. The label is what the store and the report show, so one option can appear as several
+  rows (poison rates, target known / inferred, ...).
 - All cells share one artefact cache (``<out>/cache`` unless ``cache_dir`` is set), so poisoned sets,
   backdoored baselines and self-supervised backbones are computed once per matrix.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -41,7 +49,10 @@ STORE_NAME = STORE_FILE_NAMES[0]
 class BenchSpec:
     """A benchmark matrix. ``attacks_by_defense`` restricts a defense to the attacks its paper evaluates
     (defenses not listed get ``attacks``); ``*_overrides`` add Hydra overrides to the cells of one
-    dataset / attack / defense; ``overrides`` apply to every cell."""
+    dataset / attack / defense label (a ``group=OPTION`` entry among them picks the config option the
+    label stands for, see the module doc); ``overrides`` apply to every cell, before the per-label ones;
+    ``late_overrides`` apply to every cell after them (the command line's cell overrides go there, so
+    they win over the bench file)."""
 
     name: str = "bench"
     datasets: list[str] = field(default_factory=lambda: ["digits"])
@@ -53,6 +64,7 @@ class BenchSpec:
     dataset_overrides: dict[str, list[str]] = field(default_factory=dict)
     attack_overrides: dict[str, list[str]] = field(default_factory=dict)
     defense_overrides: dict[str, list[str]] = field(default_factory=dict)
+    late_overrides: list[str] = field(default_factory=list)
     out: str = "bench"
     cache_dir: str | None = None
     skip_missing: bool = True  # skip attacks/defenses that are not registered (yet) instead of failing
@@ -118,7 +130,7 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
             bench_name = value
         elif key in ("dry_run", "ingest"):
             options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([arg]))[key]  # type: ignore[index]
-        elif key in _SPEC_KEYS:
+        elif key.split(".")[0] in _SPEC_KEYS:  # also defense_overrides.pgrl=[...]
             matrix.append(arg)
         elif key in _AXES:
             raise ValueError(f"bench: {arg!r} would fix one axis of the matrix for every cell; use {_AXES[key]}=[...]")
@@ -130,12 +142,41 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
     given = {a.partition("=")[0] for a in matrix}
     if "attacks" in given and "attacks_by_defense" not in given:
         spec.attacks_by_defense = {}  # attacks=[...] on the command line applies to every defense
-    spec.overrides = [*spec.overrides, *cell_over]
+    spec.late_overrides = [*spec.late_overrides, *cell_over]
     return spec, options
 
 
+def _conf_file(group: str, option: str) -> Any:
+    """``bdseal/conf/<group>/<option>.yaml`` as a Traversable (``option`` may be nested: ``pgbd/badnets``)."""
+    node = resources.files("bdseal.conf") / group
+    parts = option.split("/")
+    for part in parts[:-1]:
+        node = node / part
+    return node / f"{parts[-1]}.yaml"
+
+
 def _has_config(group: str, name: str) -> bool:
-    return (resources.files("bdseal.conf") / group / f"{name}.yaml").is_file()
+    return _conf_file(group, name).is_file()
+
+
+def split_choice(group: str, label: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """(config option, remaining overrides) of ``label``: the option named by a ``group=OPTION`` entry
+    of ``overrides`` (the last one wins), else ``label`` itself."""
+    choice, rest = label, []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key == group:
+            choice = value
+        else:
+            rest.append(o)
+    return choice, rest
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_name(group: str, option: str) -> str:
+    """The ``name`` an option's YAML gives its attack/defense (``pgbd/badnets`` -> ``badnets``)."""
+    name = OmegaConf.load(str(_conf_file(group, option))).get("name")
+    return str(name) if name is not None else option.split("/")[-1]
 
 
 def _expand(names: list[str], group: str) -> list[str]:
@@ -152,18 +193,29 @@ def _expand(names: list[str], group: str) -> list[str]:
 
 
 def available(group: str, name: str) -> bool:
-    """Registered in its registry and with a config in ``bdseal/conf/<group>/``."""
+    """Has a config in ``bdseal/conf/<group>/`` (``name`` may be nested: ``pgbd/badnets``) whose attack /
+    defense is registered."""
     if not _has_config(group, name):
         return False
+    registered = _registered_name(group, name) if group in ("attack", "defense") else name
     if group == "defense":
         from bdseal.defenses import list_defenses
 
-        return name in list_defenses()
+        return registered in list_defenses()
     if group == "attack":
         from bdseal.attacks import list_attacks
 
-        return name == "none" or name in list_attacks()
+        return registered == "none" or registered in list_attacks()
     return True
+
+
+def _per_label(spec: BenchSpec, group: str) -> dict[str, list[str]]:
+    return {"dataset": spec.dataset_overrides, "attack": spec.attack_overrides, "defense": spec.defense_overrides}[group]
+
+
+def label_available(spec: BenchSpec, group: str, label: str) -> bool:
+    """``available`` for the config option that ``label`` stands for in ``spec``."""
+    return available(group, split_choice(group, label, list(_per_label(spec, group).get(label, [])))[0])
 
 
 def plan_cells(spec: BenchSpec, missing: list[str] | None = None) -> list[Cell]:
@@ -174,18 +226,21 @@ def plan_cells(spec: BenchSpec, missing: list[str] | None = None) -> list[Cell]:
     for group, names in (("dataset", spec.datasets), ("defense", defenses),
                          ("attack", sorted({a for d in defenses for a in spec.attacks_by_defense.get(d, _expand(spec.attacks, "attack"))}))):
         for n in names:
-            if not available(group, n):
+            if not label_available(spec, group, n):
                 if not spec.skip_missing:
-                    raise ValueError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/{n}.yaml)")
+                    raise ValueError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/ config)")
                 if missing is not None and f"{group}={n}" not in missing:
                     missing.append(f"{group}={n}")
     for ds, df in itertools.product(spec.datasets, defenses):
         attacks = spec.attacks_by_defense.get(df, _expand(spec.attacks, "attack"))
         for at, seed in itertools.product(attacks, spec.seeds):
-            if not (available("dataset", ds) and available("defense", df) and available("attack", at)):
+            if not all(label_available(spec, g, n) for g, n in (("dataset", ds), ("defense", df), ("attack", at))):
                 continue
-            over = (f"dataset={ds}", f"attack={at}", f"defense={df}", f"seed={int(seed)}", *spec.overrides,
-                    *spec.dataset_overrides.get(ds, []), *spec.attack_overrides.get(at, []), *spec.defense_overrides.get(df, []))
+            ds_opt, ds_over = split_choice("dataset", ds, list(spec.dataset_overrides.get(ds, [])))
+            at_opt, at_over = split_choice("attack", at, list(spec.attack_overrides.get(at, [])))
+            df_opt, df_over = split_choice("defense", df, list(spec.defense_overrides.get(df, [])))
+            over = (f"dataset={ds_opt}", f"attack={at_opt}", f"defense={df_opt}", f"seed={int(seed)}", *spec.overrides,
+                    *ds_over, *at_over, *df_over, *spec.late_overrides)
             cells.append(Cell(ds, at, df, int(seed), over))
     return cells
 
@@ -219,7 +274,7 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
     log.info("bench %s: %d cells, %d done, %d to run; store %s", spec.name, len(cells), len(result.skipped), len(todo), spec.store_path)
     if dry_run:
         for cell, _, h in todo:
-            print(f"{h}  {cell.label}  {' '.join(cell.overrides[4:])}")
+            print(f"{h}  {cell.label}  {' '.join((*cell.overrides[:3], *cell.overrides[4:]))}")
         return result
     bar = tqdm(todo, desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
     for cell, cfg, h in bar:

@@ -5,10 +5,20 @@ Tables (per dataset, values in %, ``mean ± std`` over seeds when a cell has sev
 - ACC / ASR per attack × defense with an ``Average`` row (GSSD Table 1 / PGBD Table 2 layout: one
   ACC/ASR column pair per defense, one row per attack). The average of a column is the mean of its
   per-attack means; ``attack=none`` has no ASR and does not enter the ASR average.
+- The poisoned training sets per attack: poison rate, number of poisoned and cover samples.
+- Backdoored vs defended model (PGBD Table 2 layout): M_B ACC / ASR (the undefended baseline of the same
+  run, ``metrics['baseline']``), M_C ACC / ASR and Γ per attack × defense.
 - Γ (DEM, PGBD Eq. 5-6) per attack × defense, for cells whose run also trained the undefended baseline
   (``metrics['dem']``); post-hoc defenses (registry ``post_hoc=True``) are marked with †.
-- Detection TPR / FPR / AUROC per attack × defense, for defenses that flag or score samples.
-- Wall time per cell (s).
+- Detection TPR / FPR / AUROC and relabel accuracy per attack × defense, for defenses that flag, score or
+  relabel samples, and "target found": whether the defense named the attack's target class (GSSD's
+  ``extras.detected_targets``, PGBD's ``extras.target_used`` / Neural Cleanse's inferred target) —
+  ``yes``/``no``, or ``k/n`` seeds.
+- Wall time per cell (s), and each defense's wall time as a multiple of the ``defense=none`` cell with
+  the same data, attack, model, recipe and seed in the store (the mean of the per-seed ratios; PGRL Table 3).
+
+Rows are keyed by the store's dataset / attack / defense *labels* (a bench's variant names, e.g.
+``badnets_a2a``); whether a label is a post-hoc defense is read from its runs' ``defense.name``.
 
 Written to ``<out>/``: ``report.md``, ``report.html`` (self-contained: inline PNGs, tables),
 ``summary.csv`` (long form: dataset, attack, defense, metric, mean, std, n), ``tables/*.csv`` and
@@ -20,6 +30,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -37,8 +48,12 @@ METRICS: dict[str, tuple[str, ...]] = {
     "baseline_acc": ("baseline", "clean_acc"), "baseline_asr": ("baseline", "asr"),
     "tpr": ("detection", "tpr"), "fpr": ("detection", "fpr"), "auroc": ("detection", "auroc"),
     "relabel_acc": ("relabel_acc",), "time_s": ("time_s",),
+    "poison_rate": ("poison_rate",), "n_poison": ("n_poison",), "n_cover": ("n_cover",),
 }
-PERCENT = {"acc", "asr", "baseline_acc", "baseline_asr", "tpr", "fpr", "auroc", "relabel_acc"}
+# metrics computed from a row (and, for time_x_none, the store's defense=none rows): see derived_metrics
+DERIVED = ("target_found", "time_x_none")
+PERCENT = {"acc", "asr", "baseline_acc", "baseline_asr", "tpr", "fpr", "auroc", "relabel_acc", "poison_rate"}
+COUNTS = {"n_poison", "n_cover"}
 
 
 @dataclass
@@ -91,25 +106,98 @@ def _get(metrics: dict[str, Any], path: Sequence[str]) -> float | None:
     return None if math.isnan(float(v)) else float(v)
 
 
+def target_found(row: Row) -> float | None:
+    """1.0 / 0.0: did the defense name the attack's target class? ``None`` when the run has no single
+    target (no attack, all-to-all) or the defense reports none (GSSD ``extras.detected_targets``: the
+    target is among the detected classes; PGBD ``extras.target_used``, else Neural Cleanse's
+    ``extras.neural_cleanse.inferred_target``: equal to the target)."""
+    target = row.metrics.get("target")
+    mode = (row.config.get("attack") or {}).get("mode")
+    ex = row.metrics.get("extras")
+    if not isinstance(target, int) or isinstance(target, bool) or mode == "all_to_all" or not isinstance(ex, dict):
+        return None
+    if isinstance(ex.get("detected_targets"), list):
+        return float(target in ex["detected_targets"])
+    used = ex.get("target_used")
+    if used is None and isinstance(ex.get("neural_cleanse"), dict):
+        used = ex["neural_cleanse"].get("inferred_target")
+    if isinstance(used, int) and not isinstance(used, bool):
+        return float(used == target)
+    return None
+
+
+# config keys that may differ between a defense's cell and its defense=none reference
+_NOT_PAIRED = ("defense", "baseline", "backdoored_ckpt", "figures")
+
+
+def _run_key(r: Row) -> str:
+    """A row's config without the defense's own settings: equal for a cell and its defense=none twin."""
+    cfg = {k: v for k, v in r.config.items() if k not in _NOT_PAIRED}
+    if isinstance(cfg.get("defender"), dict):
+        cfg["defender"] = {k: v for k, v in cfg["defender"].items() if k != "target_known"}
+    return json.dumps([r.dataset, r.attack, cfg], sort_keys=True, default=str)
+
+
+def derived_metrics(rows: Sequence[Row]) -> dict[int, dict[str, float]]:
+    """Row index -> the :data:`DERIVED` metrics it has. ``time_x_none`` = the row's ``time_s`` ÷ the
+    ``time_s`` of the ``defense=none`` run with the same config apart from the defense's own settings
+    (``defense``, ``baseline``, ``backdoored_ckpt``, ``figures``, ``defender.target_known``): same data,
+    attack, model, training recipe and seed."""
+    plain: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        t = _get(r.metrics, ("time_s",))
+        if r.defense == "none" and t is not None:
+            plain[_run_key(r)].append(t)
+    out: dict[int, dict[str, float]] = {}
+    for i, r in enumerate(rows):
+        d: dict[str, float] = {}
+        found = target_found(r)
+        if found is not None:
+            d["target_found"] = found
+        t = _get(r.metrics, ("time_s",))
+        ref = plain.get(_run_key(r))
+        if r.defense != "none" and t is not None and ref and np.mean(ref) > 0:
+            d["time_x_none"] = t / float(np.mean(ref))
+        if d:
+            out[i] = d
+    return out
+
+
 def aggregate(rows: Sequence[Row]) -> dict[tuple[str, str, str], dict[str, Stat]]:
     """(dataset, attack, defense) -> metric -> mean/std (sample std, 0 for one seed)/n over seeds."""
     values: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
+    extra = derived_metrics(rows)
+    for i, r in enumerate(rows):
+        key = (r.dataset, r.attack, r.defense)
         for name, path in METRICS.items():
             v = _get(r.metrics, path)
             if v is not None:
-                values[(r.dataset, r.attack, r.defense)][name].append(v)
+                values[key][name].append(v)
+        for name, v in extra.get(i, {}).items():
+            values[key][name].append(v)
     out: dict[tuple[str, str, str], dict[str, Stat]] = {}
     for key, per in values.items():
         out[key] = {m: Stat(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for m, v in per.items()}
     return out
 
 
+def post_hoc_labels(rows: Sequence[Row]) -> set[str]:
+    """Defense labels whose runs' ``defense.name`` is a post-hoc defense in the registry."""
+    names = {r.defense: str((r.config.get("defense") or {}).get("name", r.defense)) for r in rows}
+    return {label for label, name in names.items() if _post_hoc(name)}
+
+
 def fmt(stat: Stat | None, metric: str) -> str:
-    """``93.1 ± 0.4`` (percent metrics), ``0.97 ± 0.01`` (Γ), ``12.3 ± 0.5`` (seconds); ``–`` if absent."""
+    """``93.1 ± 0.4`` (percent metrics), ``0.97 ± 0.01`` (Γ, time×none), ``12.3 ± 0.5`` (seconds), ``190``
+    (counts), ``yes`` / ``no`` / ``1/2`` (target found over seeds); ``–`` if absent."""
     if stat is None:
         return "–"
-    scale, digits = (100.0, 1) if metric in PERCENT else (1.0, 2 if metric == "dem" else 1)
+    if metric == "target_found":
+        k = round(stat.mean * stat.n)
+        return ("yes" if k else "no") if stat.n == 1 else f"{k}/{stat.n}"
+    if metric in COUNTS and stat.std == 0 and float(stat.mean).is_integer():
+        return str(int(stat.mean))
+    scale, digits = (100.0, 2 if metric == "poison_rate" else 1) if metric in PERCENT else (1.0, 2 if metric in ("dem", "time_x_none") else 1)
     s = f"{stat.mean * scale:.{digits}f}"
     if stat.n > 1:
         s += f" ± {stat.std * scale:.{digits}f}"
@@ -134,12 +222,16 @@ def _avg(stats: Sequence[Stat | None]) -> Stat | None:
     return Stat(float(np.mean(means)), 0.0, 1) if means else None
 
 
-def build_tables(agg: dict[tuple[str, str, str], dict[str, Stat]]) -> list[Table]:
+def build_tables(agg: dict[tuple[str, str, str], dict[str, Stat]], post_hoc: set[str] | None = None) -> list[Table]:
+    """Every table of every dataset in ``agg``. ``post_hoc``: the post-hoc defense labels (default: the
+    labels that are post-hoc defense names in the registry)."""
+    is_post_hoc = (lambda d: d in post_hoc) if post_hoc is not None else _post_hoc
     tables: list[Table] = []
     for ds in sorted({k[0] for k in agg}):
         cells = {(a, d): m for (dd, a, d), m in agg.items() if dd == ds}
         attacks = _order({a for a, _ in cells})
         defenses = _order({d for _, d in cells})
+        has = lambda a, d, *ms: any(k in cells.get((a, d), {}) for k in ms)  # noqa: E731
         n_seeds = max((s.n for m in cells.values() for s in m.values()), default=0)
         note = f"mean ± std over seeds (up to {n_seeds}); – = not run / not applicable"
         t = Table(f"{ds}_acc_asr", f"{ds}: ACC / ASR (%) per attack × defense", ["Attack"] + [f"{d} {m}" for d in defenses for m in ("ACC", "ASR")], note=note)
@@ -148,28 +240,60 @@ def build_tables(agg: dict[tuple[str, str, str], dict[str, Stat]]) -> list[Table
         t.rows.append(["Average"] + [fmt(_avg([cells.get((a, d), {}).get(m) for a in attacks if not (m == "asr" and a == "none")]), m)
                                      for d in defenses for m in ("acc", "asr")])
         tables.append(t)
-        dem_def = [d for d in defenses if any("dem" in cells.get((a, d), {}) for a in attacks)]
+        poisoned = [a for a in attacks if a != "none" and any(has(a, d, "n_poison") for d in defenses)]
+        if poisoned:
+            t = Table(f"{ds}_poison", f"{ds}: poisoned training sets per attack", ["Attack", "poison rate (%)", "#poison", "#cover"],
+                      note="of the training set after the defender's hold-out; the same for every defense of an attack and seed")
+            for a in poisoned:
+                m = cells.get((a, "none")) or next(cells[(a, d)] for d in defenses if has(a, d, "n_poison"))
+                t.rows.append([a, fmt(m.get("poison_rate"), "poison_rate"), fmt(m.get("n_poison"), "n_poison"), fmt(m.get("n_cover"), "n_cover")])
+            tables.append(t)
+        base = [(a, d) for a in attacks for d in defenses if d != "none" and has(a, d, "baseline_acc")]
+        if base:
+            t = Table(f"{ds}_backdoored_vs_defended", f"{ds}: backdoored model M_B vs defended model M_C (%) and Γ",
+                      ["Attack", "Defense", "M_B ACC", "M_B ASR", "M_C ACC", "M_C ASR", "Γ"],
+                      note="M_B = the undefended model trained in the same run (the input of post-hoc defenses, marked †)")
+            for a, d in base:
+                m = cells[(a, d)]
+                t.rows.append([a, d + (" †" if is_post_hoc(d) else ""), fmt(m.get("baseline_acc"), "baseline_acc"), fmt(m.get("baseline_asr"), "baseline_asr"),
+                               fmt(m.get("acc"), "acc"), fmt(m.get("asr"), "asr"), fmt(m.get("dem"), "dem")])
+            tables.append(t)
+        dem_def = [d for d in defenses if any(has(a, d, "dem") for a in attacks)]
         if dem_def:
             t = Table(f"{ds}_dem", f"{ds}: Γ (DEM, PGBD Eq. 5-6) per attack × defense",
-                      ["Attack"] + [d + (" †" if _post_hoc(d) else "") for d in dem_def],
+                      ["Attack"] + [d + (" †" if is_post_hoc(d) else "") for d in dem_def],
                       note="Γ against the undefended model trained in the same run; † = post-hoc defense")
-            dem_att = [a for a in attacks if any("dem" in cells.get((a, d), {}) for d in dem_def)]
+            dem_att = [a for a in attacks if any(has(a, d, "dem") for d in dem_def)]
             for a in dem_att:
                 t.rows.append([a] + [fmt(cells.get((a, d), {}).get("dem"), "dem") for d in dem_def])
             t.rows.append(["Average"] + [fmt(_avg([cells.get((a, d), {}).get("dem") for a in dem_att]), "dem") for d in dem_def])
             tables.append(t)
-        det = [(a, d) for a in attacks for d in defenses if any(k in cells.get((a, d), {}) for k in ("tpr", "fpr", "auroc"))]
+        det_metrics = ("tpr", "fpr", "auroc", "relabel_acc", "target_found")
+        det = [(a, d) for a in attacks for d in defenses if has(a, d, *det_metrics)]
         if det:
-            t = Table(f"{ds}_detection", f"{ds}: poison detection (%) per attack × defense", ["Attack", "Defense", "TPR", "FPR", "AUROC", "relabel ACC"])
+            with_target = any(has(a, d, "target_found") for a, d in det)
+            t = Table(f"{ds}_detection", f"{ds}: poison detection (%) per attack × defense",
+                      ["Attack", "Defense", "TPR", "FPR", "AUROC", "relabel ACC"] + (["target found"] if with_target else []))
             for a, d in det:
                 m = cells[(a, d)]
-                t.rows.append([a, d, fmt(m.get("tpr"), "tpr"), fmt(m.get("fpr"), "fpr"), fmt(m.get("auroc"), "auroc"), fmt(m.get("relabel_acc"), "relabel_acc")])
+                t.rows.append([a, d] + [fmt(m.get(k), k) for k in det_metrics[: 5 if with_target else 4]])
             tables.append(t)
         t = Table(f"{ds}_time", f"{ds}: wall time per cell (s)", ["Attack"] + defenses,
                   note="whole cell: data, poisoning (cached), baseline (cached), defense, evaluation")
         for a in attacks:
             t.rows.append([a] + [fmt(cells.get((a, d), {}).get("time_s"), "time_s") for d in defenses])
         tables.append(t)
+        rel_def = [d for d in defenses if any(has(a, d, "time_x_none") for a in attacks)]
+        if rel_def:
+            rel_att = [a for a in attacks if any(has(a, d, "time_x_none") for d in rel_def)]
+            t = Table(f"{ds}_time_x_none", f"{ds}: wall time as a multiple of defense=none", ["Attack"] + rel_def,
+                      note="per seed: the cell's wall time ÷ that of the defense=none cell with the same data, attack, model, recipe and seed "
+                           "(whichever of the two ran first also paid for the cached poisoning; a defense's baseline is "
+                           "included when baseline training is on)")
+            for a in rel_att:
+                t.rows.append([a] + [fmt(cells.get((a, d), {}).get("time_x_none"), "time_x_none") for d in rel_def])
+            t.rows.append(["Average"] + [fmt(_avg([cells.get((a, d), {}).get("time_x_none") for a in rel_att]), "time_x_none") for d in rel_def])
+            tables.append(t)
     return tables
 
 
@@ -218,7 +342,7 @@ def make_report(store_path: str | Path, out: str | Path | None = None, title: st
     out = Path(out) if out is not None else store_file.parent / "report"
     (out / "tables").mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)
-    tables = build_tables(agg)
+    tables = build_tables(agg, post_hoc_labels(rows))
     for t in tables:
         t.write_csv(out / "tables" / f"{t.name}.csv")
     write_summary_csv(agg, out / "summary.csv")

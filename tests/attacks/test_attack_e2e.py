@@ -3,7 +3,7 @@
 Digits (1.4k training images, the embedded default), the small net, 8 epochs. Strengths/rates are
 raised where the defaults are too subtle for 1.4k images and 8 epochs (clean-label rates counted in
 the target class, the adaptive attacks' 1% rate); default-strength numbers on CIFAR-10 are in
-docs/attacks.md (scripts/attack_table.py). Every case listed here was run and passed with margin.
+docs/attacks.md (`bdseal bench bench=attacks_cifar`). Every case listed here was run and passed with margin.
 """
 
 import pytest

@@ -104,13 +104,19 @@ def test_identical_cells_run_once_and_missing_names_are_skipped(tmp_path, monkey
 def test_parse_args_config_lists_and_cell_overrides():
     spec, opts = parse_args(["bench=demo", "attacks=[badnets,blend]", "seeds=[3]", "train.epochs=1", "dry_run=true"])
     assert spec.name == "demo" and spec.attacks == ["badnets", "blend"] and spec.seeds == [3]
-    assert spec.overrides[-1] == "train.epochs=1" and opts == {"dry_run": True}
+    assert spec.late_overrides == ["train.epochs=1"] and opts == {"dry_run": True}
+    assert spec.overrides == ["dataset.train_per_class=60", "train.epochs=3"]  # demo.yaml's own
     with pytest.raises(ValueError, match="unknown bench config"):
         parse_args(["bench=nope"])
     with pytest.raises(ValueError, match="use seeds="):
         parse_args(["seed=3"])
     spec, _ = parse_args(["bench=cifar_cpu"])
     assert spec.attacks_by_defense["gssd"][:3] == ["badnets", "blend", "wanet"]
+    # the command line's cell overrides come after a label's own; a label's list can be replaced by a dotted key
+    spec, _ = parse_args(["bench=pgrl_cifar", "attacks=[badnets-0.05]", "defenses=[pgrl]", "defense.n_strong=1",
+                          "defense_overrides.pgrl=[defense.train.epochs=4]"])
+    (cell,) = bench.plan_cells(spec)
+    assert cell.overrides[-2:] == ("defense.train.epochs=4", "defense.n_strong=1") and spec.defense_overrides["lcv"][0] == "defense.train.epochs=12"
 
 
 def test_cli_bench_report_and_ingest(tmp_path, capsys):
@@ -139,3 +145,54 @@ def test_slurm_example_launcher_config_composes():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.array_parallelism == 32
     assert cfg.dataset.name == "digits" and cfg.defense.name == "none"  # the cell config is untouched
+
+
+def test_labels_pick_config_options_and_per_label_overrides():
+    """A label's ``group=OPTION`` override picks the config option (a variant); its other overrides go
+    to that label's cells only; an unknown option is reported under the label."""
+    spec = BenchSpec(datasets=["digits"], attacks=["badnets", "badnets_a2a", "bogus"], defenses=["none", "pgbd_known"], seeds=[0],
+                     overrides=["train.epochs=1"],
+                     attack_overrides={"badnets_a2a": ["attack=pgbd/badnets", "attack.mode=all_to_all"], "bogus": ["attack=pgbd/nope"]},
+                     defense_overrides={"pgbd_known": ["defense=pgbd", "defender.target_known=true"]},
+                     attacks_by_defense={"pgbd_known": ["badnets_a2a"]})
+    missing: list[str] = []
+    cells = {(c.attack, c.defense): c for c in bench.plan_cells(spec, missing)}
+    assert missing == ["attack=bogus"] and set(cells) == {("badnets", "none"), ("badnets_a2a", "none"), ("badnets_a2a", "pgbd_known")}
+    assert cells[("badnets", "none")].overrides == ("dataset=digits", "attack=badnets", "defense=none", "seed=0", "train.epochs=1")
+    assert cells[("badnets_a2a", "pgbd_known")].overrides == ("dataset=digits", "attack=pgbd/badnets", "defense=pgbd", "seed=0", "train.epochs=1",
+                                                              "attack.mode=all_to_all", "defender.target_known=true")
+    cfg, _ = bench.cell_config(cells[("badnets_a2a", "pgbd_known")], spec)
+    assert (cfg.attack.name, cfg.attack.mode, cfg.attack.rate, cfg.defense.name, cfg.defender.target_known) == ("badnets", "all_to_all", 0.01, "pgbd", True)
+    assert bench.split_choice("attack", "x", ["attack=a", "attack.rate=0.1", "attack=b"]) == ("b", ["attack.rate=0.1"])
+    assert bench.available("attack", "pgrl/freq") and not bench.available("attack", "pgrl/nope") and not bench.available("defense", "pgbd/x")
+
+
+@pytest.mark.parametrize("name", ["gssd_cifar", "pgbd_cifar", "pgrl_cifar", "vibe_cifar", "attacks_cifar"])
+def test_paper_bench_configs_compose(name):
+    """Every cell of the per-paper CIFAR-10 matrices composes (Hydra refuses unknown keys), with its variant."""
+    spec, _ = parse_args([f"bench={name}"])
+    missing: list[str] = []
+    cells = bench.plan_cells(spec, missing)
+    assert not missing and cells and spec.out == f"bench/{name}"
+    composed = {(c.attack, c.defense): bench.cell_config(c, spec) for c in cells}
+    cfgs = {k: cfg for k, (cfg, _) in composed.items()}
+    assert len({h for _, h in composed.values()}) == len(cells)  # no two labels collapse to one cell
+    assert all(c.dataset.name == "cifar10" and c.dataset.root == "../shared/data/cifar10.npz" for c in cfgs.values())
+    if name == "pgbd_cifar":
+        a2a = cfgs[("badnets_a2a", "nad")]
+        assert a2a.attack.preset == "pgbd" and a2a.attack.mode == "all_to_all" and a2a.defense.train.epochs == 5
+    if name == "pgrl_cifar":
+        c = cfgs[("adap_blend-0.003", "wce")]
+        assert (c.attack.rate, c.attack.cover_rate, c.defense.weight_start, c.defense.n_strong, c.baseline) == (0.003, 0.003, 2, 2, False)
+        assert cfgs[("freq-0.05", "none")].attack.preset == "pgrl"
+
+
+def test_variant_labels_reach_the_store_and_report(tmp_path, monkeypatch):
+    spec = tiny_spec(tmp_path, attacks=["bn_a2a"], seeds=[0], attack_overrides={"bn_a2a": ["attack=badnets", "attack.mode=all_to_all"]})
+    count_calls(monkeypatch)
+    assert len(run_bench(spec).ran) == 1
+    (row,) = ResultStore(spec.store_path).rows()
+    assert row.attack == "bn_a2a" and row.config["attack"]["name"] == "badnets" and row.config["attack"]["mode"] == "all_to_all"
+    rep = make_report(tmp_path / "b")
+    tables = {t.name: t for t in rep["tables"]}
+    assert tables["synthetic_acc_asr"].rows[0][0] == "bn_a2a" and tables["synthetic_poison"].rows[0][:1] == ["bn_a2a"]

@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from bdseal.experiment.report import Stat, aggregate, fmt, make_report
+from bdseal.experiment.report import Stat, aggregate, build_tables, fmt, make_report, post_hoc_labels, target_found
 from bdseal.experiment.store import ResultStore, Row, cell_hash, ingest_run_dirs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fake_row(attack: str, defense: str, seed: int, acc: float, asr: float | None, **extra) -> Row:
-    cfg = {"dataset": {"name": "cifar10", "train_per_class": 200, "test_per_class": 200}, "attack": {"name": attack, "rate": 0.1},
-           "defense": {"name": defense}, "seed": seed, "model": {"name": "small_half"}, "defender": {"holdout": 0.05},
+def fake_row(attack: str, defense: str, seed: int, acc: float, asr: float | None, defense_name: str | None = None,
+             mode: str | None = None, **extra) -> Row:
+    """A store row; ``attack`` / ``defense`` are the labels, ``defense_name`` the config's defense (a variant)."""
+    cfg = {"dataset": {"name": "cifar10", "train_per_class": 200, "test_per_class": 200},
+           "attack": {"name": attack, "rate": 0.1, "mode": mode},
+           "defense": {"name": defense_name or defense}, "seed": seed, "model": {"name": "small_half"}, "defender": {"holdout": 0.05},
            "train": {"epochs": 8, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "augment": "crop_flip"},
            "device": "cpu"}
     metrics = {"clean_acc": acc, "asr": asr, "time_s": 10.0 + seed, "n_train": 1900, **extra}
@@ -55,19 +58,62 @@ def test_aggregate_mean_std_and_format(store):
 def test_report_tables_dem_detection_html(store):
     rep = make_report(store, out=store / "rep")
     names = [t.name for t in rep["tables"]]
-    assert names == ["cifar10_acc_asr", "cifar10_dem", "cifar10_detection", "cifar10_time"]
+    assert names == ["cifar10_acc_asr", "cifar10_backdoored_vs_defended", "cifar10_dem", "cifar10_detection", "cifar10_time",
+                     "cifar10_time_x_none"]
     acc_asr = rep["tables"][0]
     assert acc_asr.header == ["Attack", "none ACC", "none ASR", "gssd ACC", "gssd ASR"]
     assert acc_asr.rows[0] == ["none", "92.0 ± 1.4", "–", "–", "–"]
     assert acc_asr.rows[1] == ["badnets", "91.0 ± 1.4", "100.0 ± 0.0", "82.0 ± 2.8", "3.0 ± 1.4"]
     assert acc_asr.rows[2] == ["Average", "91.5", "100.0", "82.0", "3.0"]  # ASR average leaves out attack=none
-    dem = rep["tables"][1]
+    mb = rep["tables"][1]
+    assert mb.header == ["Attack", "Defense", "M_B ACC", "M_B ASR", "M_C ACC", "M_C ASR", "Γ"]
+    assert mb.rows == [["badnets", "gssd", "91.0 ± 1.4", "100.0 ± 0.0", "82.0 ± 2.8", "3.0 ± 1.4", "0.91 ± 0.01"]]
+    dem = rep["tables"][2]
     assert dem.rows == [["badnets", "0.91 ± 0.01"], ["Average", "0.91"]]
-    det = rep["tables"][2]
+    det = rep["tables"][3]
     assert det.header[2:5] == ["TPR", "FPR", "AUROC"] and det.rows == [["badnets", "gssd", "90.0 ± 0.0", "5.5 ± 0.7", "97.0 ± 0.0", "80.0 ± 0.0"]]
     assert (store / "rep" / "plots" / "cifar10_dem_bars.png").exists()
+    assert rep["tables"][5].rows == [["badnets", "1.00 ± 0.00"], ["Average", "1.00"]]  # same fake time as none
     page = (store / "rep" / "report.html").read_text()
-    assert page.count("<table>") == 4 and page.count("data:image/png;base64,") == 4
+    assert page.count("<table>") == 6 and page.count("data:image/png;base64,") == 4
+
+
+def test_report_columns_of_the_paper_tables(tmp_path):
+    """The columns the per-paper scripts had: poison counts, target found, M_B/M_C with † for a post-hoc
+    defense variant label, wall time as a multiple of defense=none per seed."""
+    s = ResultStore(tmp_path / "results.sqlite")
+    pois = {"poison_rate": 0.01, "n_poison": 19, "n_cover": 0, "target": 0}
+    for seed in (0, 1):
+        s.add(fake_row("badnets", "none", seed, 0.9, 1.0, **pois, time_s=10.0 * (seed + 1)))
+        s.add(fake_row("badnets_a2a", "none", seed, 0.9, 0.8, mode="all_to_all", **pois, time_s=10.0))
+        # PGBD with the target inferred by Neural Cleanse: right on seed 0, wrong on seed 1; 3x / 2x none
+        s.add(fake_row("badnets", "pgbd_nc", seed, 0.85, 0.05, defense_name="pgbd", **pois, time_s=30.0 * (seed + 1) * (1 - seed / 3),
+                       baseline={"clean_acc": 0.9, "asr": 1.0}, dem=0.93, extras={"target_used": seed, "target_source": "neural_cleanse"}))
+        s.add(fake_row("badnets_a2a", "pgbd_nc", seed, 0.85, 0.3, defense_name="pgbd", mode="all_to_all", **pois, time_s=20.0,
+                       baseline={"clean_acc": 0.9, "asr": 0.8}, extras={"target_used": 0}))
+    s.add(fake_row("badnets", "gssd", 0, 0.8, 0.0, **pois, time_s=50.0, extras={"detected_targets": [0, 3]},
+                   detection={"tpr": 1.0, "fpr": 0.1, "auroc": 0.99}))
+    s.add(fake_row("badnets", "st_pgbd", 0, 0.8, 0.0, **pois, extras={"neural_cleanse": {"inferred_target": 4}}))
+    rows = s.rows()
+    assert post_hoc_labels(rows) >= {"pgbd_nc", "st_pgbd"} and "gssd" not in post_hoc_labels(rows)
+    found = {(r.attack, r.defense, r.seed): target_found(r) for r in rows}
+    assert found[("badnets", "pgbd_nc", 0)] == 1.0 and found[("badnets", "pgbd_nc", 1)] == 0.0
+    assert found[("badnets", "gssd", 0)] == 1.0 and found[("badnets", "st_pgbd", 0)] == 0.0
+    assert found[("badnets_a2a", "pgbd_nc", 0)] is None and found[("badnets", "none", 0)] is None  # no single target / no claim
+    agg = aggregate(rows)
+    assert agg[("cifar10", "badnets", "pgbd_nc")]["time_x_none"].mean == pytest.approx(2.5)  # per-seed ratios 3 and 2
+    assert agg[("cifar10", "badnets", "st_pgbd")]["time_x_none"].mean == pytest.approx(1.0)  # 10 s vs none's 10 s on seed 0
+    assert "time_x_none" not in agg[("cifar10", "badnets", "none")]
+    tables = {t.name: t for t in build_tables(agg, post_hoc_labels(rows))}
+    assert tables["cifar10_poison"].rows == [["badnets", "1.00 ± 0.00", "19", "0"], ["badnets_a2a", "1.00 ± 0.00", "19", "0"]]
+    assert ["badnets", "pgbd_nc †", "90.0 ± 0.0", "100.0 ± 0.0", "85.0 ± 0.0", "5.0 ± 0.0", "0.93 ± 0.00"] in tables["cifar10_backdoored_vs_defended"].rows
+    det = tables["cifar10_detection"]
+    assert det.header[-1] == "target found"
+    assert ["badnets", "gssd", "100.0", "10.0", "99.0", "–", "yes"] in det.rows
+    assert ["badnets", "pgbd_nc", "–", "–", "–", "–", "1/2"] in det.rows and ["badnets", "st_pgbd", "–", "–", "–", "–", "no"] in det.rows
+    rel = tables["cifar10_time_x_none"]
+    assert rel.header == ["Attack", "gssd", "pgbd_nc", "st_pgbd"]
+    assert rel.rows[0] == ["badnets", "5.00", "2.50 ± 0.71", "1.00"] and rel.rows[1] == ["badnets_a2a", "–", "2.00 ± 0.00", "–"]
 
 
 def test_ingest_and_benchmarks_script(store, tmp_path):
@@ -99,3 +145,25 @@ def test_ingest_and_benchmarks_script(store, tmp_path):
     assert "Reduced scale, CPU" in text and "bdseal bench X" in text and "200 training images per class" in text
     assert "GSSD paper, Table 1" in text and "| badnets | 94.90 | 100.00 | 91.70 | 0.14 | 91.0 ± 1.4 | 100.0 ± 0.0 | 82.0 ± 2.8 | 3.0 ± 1.4 |" in text
     assert "| pgrl | 12.0 | 1.20 | 1.16 (PGRL Table 3) |" in text and "`vibe` (not registered)" in text
+
+
+def test_benchmarks_script_merges_stores(store, tmp_path):
+    """--store is repeatable: rows of several bench stores are merged, a shared cell counted once, and each
+    scale gets its own line."""
+    other = ResultStore(tmp_path / "other" / "results.sqlite")
+    other.add(fake_row("badnets", "none", 0, 0.90, 1.0))  # the same cell as in `store`
+    r = fake_row("badnets", "pgrl", 0, 0.7, 0.1, time_s=21.0)
+    r.config["dataset"]["train_per_class"] = 100
+    other.add(Row(cell_hash(r.config), r.dataset, r.model, r.attack, r.defense, r.seed, r.config, r.metrics))
+    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.load_rows([store, tmp_path / "other"])
+    assert len(rows) == 7 and sum(x.defense == "none" and x.attack == "badnets" for x in rows) == 2
+    out = tmp_path / "B.md"
+    assert mod.main(["--store", str(store), "--store", str(tmp_path / "other"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"--store {store} --store {tmp_path / 'other'}" in text and "these stores" in text
+    assert "(defenses pgrl): 100 training images per class" in text and "(defenses gssd, none): 200 training images" in text
+    # pgrl ran at another scale than every defense=none cell: no ratio for it
+    assert "| Attack | gssd |\n|---|---|\n| badnets | 1.00 ± 0.00 |" in text
