@@ -1,9 +1,12 @@
 """The trigger half of an attack and the attack registry.
 
-An ``Attack`` holds its trigger parameters and a default poisoning policy (``default_mode``,
-``default_rate_of``). Its ``apply`` is a batched function on float images in [0, 1] that runs on the
-batch's device; triggers are applied before normalisation (REFERENCE.md). Attacks whose trigger must
-be fitted (LC's PGD, ISSBA's encoder, IAB/COMBAT generators) override ``fit``.
+An ``Attack`` holds its trigger parameters and a default poisoning policy: ``default_mode``,
+``default_rate_of``, ``cover_pool`` (where ``make_plan`` draws its covers: any | source | target) and
+``default_cover_rate(rate)`` (the cover rate used when the config's ``cover_rate`` is null, e.g. WaNet's
+cross ratio × rate; an explicit ``cover_rate`` always wins, :func:`resolve_cover_rate`). Its ``apply``
+is a batched function on float images in [0, 1] that runs on the batch's device; triggers are applied
+before normalisation (REFERENCE.md). Attacks whose trigger must be fitted (LC's PGD, ISSBA's encoder,
+IAB/COMBAT generators) override ``fit``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ class Attack:
     name: ClassVar[str] = "base"
     default_mode: ClassVar[str] = "all_to_one"
     default_rate_of: ClassVar[str] = "dataset"
+    cover_pool: ClassVar[str] = "any"  # plan.COVER_POOLS: where make_plan draws this attack's covers
 
     def __init__(self, seed: int = 0, **params: Any) -> None:
         self.seed = seed
         self.params = params
+
+    def default_cover_rate(self, rate: float) -> float | None:
+        """Cover rate (fraction of the whole set) implied by the poison ``rate`` when the config leaves
+        ``cover_rate`` null; ``None`` = no covers. Default: none."""
+        return None
 
     def fit(self, train: ImageDataset, plan: PoisonPlan, ctx: AttackContext) -> None:
         """Fit trigger parameters (default: nothing to fit)."""
@@ -57,6 +66,23 @@ class Attack:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self.params}
+
+
+def resolve_cover_rate(attack: Attack, rate: float, cover_rate: float | None) -> float:
+    """The cover rate a poisoning uses: an explicit ``cover_rate`` wins (its range is checked by
+    ``make_plan``); ``None`` asks the attack's ``default_cover_rate(rate)`` (``None`` from the attack = 0),
+    which must lie in [0, 1)."""
+    if cover_rate is not None:
+        return float(cover_rate)
+    implied = attack.default_cover_rate(float(rate))
+    if implied is None:
+        return 0.0
+    if not 0.0 <= implied < 1.0:
+        raise AttackConfigError(
+            f"cover rate {implied} implied by {attack.name}'s default for rate {rate} is outside [0, 1); "
+            "lower the rate or set cover_rate explicitly"
+        )
+    return float(implied)
 
 
 _ATTACKS: dict[str, type[Attack]] = {}

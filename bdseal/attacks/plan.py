@@ -9,8 +9,15 @@ A plan is independent of the trigger, so every trigger works with every policy:
 
 ``rate_of`` says what the rate is a fraction of: ``dataset`` (the whole training set, the default of
 every seed paper except LC) or ``target_class`` (LC: 25% of the target class; COMBAT: 50%).
-Cover samples (Adap-Patch/Blend, WaNet noise mode) are triggered but keep their correct labels; they
-are drawn from the samples that are not poisoned.
+Cover samples (Adap-Patch/Blend, WaNet noise mode, Lotus negatives) are triggered but keep their
+correct labels; they are drawn, with the same seeded generator right after the victims, from the
+not-poisoned samples of a *cover pool* (``cover_from``, declared by the attack as ``Attack.cover_pool``):
+
+- ``any``: every class (the default);
+- ``source``: the classes the attack relabels at test time (``target_map >= 0``: the source classes of
+  ``source_specific``, the non-target classes of ``all_to_one``/``clean_label``, every class of
+  ``all_to_all``) — Lotus's trigger-focusing negatives;
+- ``target``: the target class only.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("all_to_one", "all_to_all", "clean_label", "source_specific")
+COVER_POOLS = ("any", "source", "target")
 
 
 class AttackConfigError(ValueError):
@@ -35,6 +43,8 @@ class PoisonPlan:
     mode: str
     rate: float
     rate_of: str
+    cover_rate: float = 0.0  # fraction of the whole training set drawn as covers
+    cover_from: str = "any"  # the cover pool (COVER_POOLS)
 
     def attack_labels(self, true_labels: torch.Tensor) -> torch.Tensor:
         """Label the attacker wants for images of ``true_labels`` (−1 when not attacked)."""
@@ -56,7 +66,9 @@ def target_map_for(mode: str, num_classes: int, target: int, source_classes: lis
     raise AttackConfigError(f"unknown poisoning mode {mode!r}; choose one of {MODES}")
 
 
-def _check(rate: float, cover_rate: float, target: int, num_classes: int, mode: str, rate_of: str) -> None:
+def _check(rate: float, cover_rate: float, target: int, num_classes: int, mode: str, rate_of: str, cover_from: str = "any") -> None:
+    if cover_from not in COVER_POOLS:
+        raise AttackConfigError(f"unknown cover pool {cover_from!r}; choose one of {COVER_POOLS}")
     if mode not in MODES:
         raise AttackConfigError(f"unknown poisoning mode {mode!r}; choose one of {MODES}")
     if not 0.0 < rate < 1.0:
@@ -80,9 +92,11 @@ def make_plan(
     rate_of: str = "dataset",
     source_classes: list[int] | None = None,
     seed: int = 0,
+    cover_from: str = "any",
 ) -> PoisonPlan:
-    """Draw a plan deterministically from ``seed`` (same seed ⇒ same indices)."""
-    _check(rate, cover_rate, target, num_classes, mode, rate_of)
+    """Draw a plan deterministically from ``seed`` (same seed ⇒ same indices). ``cover_rate`` is a
+    fraction of the whole set; covers come from the not-poisoned samples of the ``cover_from`` pool."""
+    _check(rate, cover_rate, target, num_classes, mode, rate_of, cover_from)
     labels = labels.cpu()
     n = len(labels)
     g = torch.Generator().manual_seed(seed)
@@ -109,11 +123,33 @@ def make_plan(
         )
     poison_idx = eligible[torch.randperm(len(eligible), generator=g)[:n_poison]].sort().values
     poison_labels = labels[poison_idx] if mode == "clean_label" else tmap[labels[poison_idx]]
-    cover_idx = torch.empty(0, dtype=torch.long)
-    n_cover = int(round(cover_rate * n))
-    if n_cover:
-        free = torch.ones(n, dtype=torch.bool)
-        free[poison_idx] = False
-        pool = torch.nonzero(free).flatten()
-        cover_idx = pool[torch.randperm(len(pool), generator=g)[:n_cover]].sort().values
-    return PoisonPlan(poison_idx, poison_labels.long(), cover_idx, tmap, mode, rate, rate_of)
+    cover_idx = _draw_covers(labels, tmap, poison_idx, int(round(cover_rate * n)), cover_from, target, g)
+    return PoisonPlan(poison_idx, poison_labels.long(), cover_idx, tmap, mode, rate, rate_of, cover_rate, cover_from)
+
+
+def cover_pool_mask(labels: torch.Tensor, target_map: torch.Tensor, cover_from: str, target: int) -> torch.Tensor:
+    """(N,) bool: the samples of the ``cover_from`` pool (before removing the victims)."""
+    if cover_from == "any":
+        return torch.ones(len(labels), dtype=torch.bool)
+    if cover_from == "source":
+        return target_map[labels] >= 0
+    if cover_from == "target":
+        return labels == target
+    raise AttackConfigError(f"unknown cover pool {cover_from!r}; choose one of {COVER_POOLS}")
+
+
+def _draw_covers(labels: torch.Tensor, tmap: torch.Tensor, poison_idx: torch.Tensor, n_cover: int, cover_from: str,
+                 target: int, g: torch.Generator) -> torch.Tensor:
+    """``n_cover`` sorted indices drawn by ``g`` among the not-poisoned samples of the pool."""
+    if n_cover == 0:
+        return torch.empty(0, dtype=torch.long)
+    free = cover_pool_mask(labels, tmap, cover_from, target)
+    free[poison_idx] = False
+    pool = torch.nonzero(free).flatten()
+    if n_cover > len(pool):
+        kind = {"any": "cover samples", "source": "source-class covers", "target": "target-class covers"}[cover_from]
+        raise AttackConfigError(
+            f"{n_cover} {kind} requested but the {cover_from!r} cover pool holds only {len(pool)} "
+            f"not-poisoned samples; lower cover_rate"
+        )
+    return pool[torch.randperm(len(pool), generator=g)[:n_cover]].sort().values

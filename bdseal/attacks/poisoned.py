@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bdseal.attacks.base import Attack, AttackContext, build_attack
+from bdseal.attacks.base import Attack, AttackContext, build_attack, resolve_cover_rate
 from bdseal.attacks.plan import AttackConfigError, PoisonPlan, make_plan
 from bdseal.data.dataset import ImageDataset
 
@@ -68,18 +68,24 @@ def poison_dataset(
     rate: float,
     target: int = 0,
     mode: str | None = None,
-    cover_rate: float = 0.0,
+    cover_rate: float | None = None,
     rate_of: str | None = None,
     source_classes: list[int] | None = None,
     seed: int = 0,
     ctx: AttackContext | None = None,
 ) -> PoisonedSet:
-    """Plan, fit the trigger, apply it. Same seed ⇒ same indices and triggers, bit for bit."""
+    """Plan, fit the trigger, apply it. Same seed ⇒ same indices and triggers, bit for bit.
+
+    ``cover_rate=None`` uses the attack's ``default_cover_rate(rate)`` (WaNet: cross ratio × rate,
+    Lotus: rate, others: no covers); covers are drawn from the attack's ``cover_pool``. The trigger is
+    applied to ``plan.cover_idx`` as it stands after ``attack.fit``."""
     ctx = ctx or AttackContext(seed=seed)
     attack.check_image(train.image_shape)
+    covers = resolve_cover_rate(attack, rate, cover_rate)
     plan = make_plan(
         train.y, train.num_classes, rate=rate, target=target, mode=mode or attack.default_mode,
-        cover_rate=cover_rate, rate_of=rate_of or attack.default_rate_of, source_classes=source_classes, seed=seed,
+        cover_rate=covers, rate_of=rate_of or attack.default_rate_of, source_classes=source_classes, seed=seed,
+        cover_from=attack.cover_pool,
     )
     attack.fit(train, plan, ctx)
     x = train.x.clone()
@@ -107,7 +113,7 @@ def poison_dataset(
 
 def build_and_poison(
     train: ImageDataset, test: ImageDataset, name: str, *, seed: int = 0, rate: float, target: int = 0,
-    mode: str | None = None, cover_rate: float = 0.0, rate_of: str | None = None,
+    mode: str | None = None, cover_rate: float | None = None, rate_of: str | None = None,
     source_classes: list[int] | None = None, ctx: AttackContext | None = None, **params: Any,
 ) -> PoisonedSet:
     """``build_attack`` + ``poison_dataset`` in one call (what configs and tests use)."""

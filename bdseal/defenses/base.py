@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bdseal.cache import ArtifactCache, fingerprint
+from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data.dataset import ImageDataset
 from bdseal.registry import import_plugins, unknown_name_message
 from bdseal.train.loop import TrainConfig
@@ -57,8 +57,9 @@ class DefenderView:
         return self.backdoored_model
 
     def data_fingerprint(self) -> str:
-        """Hash of what the defender holds (images + observed labels): a cache key part."""
-        return fingerprint({"x": self.train.x, "y": self.train.y})
+        """Hash of what the defender holds (images + observed labels): a cache key part. Cheap after the
+        first call: tensor digests are memoised per tensor object (``bdseal.cache.tensor_digest``)."""
+        return dataset_fingerprint(self.train)
 
 
 @dataclass

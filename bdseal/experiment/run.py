@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from bdseal import metrics as M
 from bdseal.attacks import AttackContext, Oracle, PoisonedSet, build_attack, poison_dataset
-from bdseal.cache import ArtifactCache, fingerprint
+from bdseal.attacks.base import resolve_cover_rate
+from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data import DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
 from bdseal.models import build_model
@@ -74,25 +75,30 @@ def load_data(cfg: DictConfig) -> DataSplits:
 
 
 def attack_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The poisoning policy of ``cfg.attack``; ``cover_rate`` None (config null) = the attack's default."""
     a = cfg.attack
+    cover = a.get("cover_rate")
     return {
-        "rate": float(a.rate), "target": int(a.target), "mode": a.get("mode"), "cover_rate": float(a.get("cover_rate") or 0.0),
+        "rate": float(a.rate), "target": int(a.target), "mode": a.get("mode"), "cover_rate": None if cover is None else float(cover),
         "rate_of": a.get("rate_of"), "source_classes": list(a.source_classes) if a.get("source_classes") else None,
     }
 
 
 def poison(cfg: DictConfig, train: ImageDataset, test: ImageDataset, device: torch.device, cache: ArtifactCache, seed: int) -> PoisonedSet:
-    """The poisoned set, cached by (clean data, attack and its parameters, seed)."""
+    """The poisoned set, cached by (clean data, attack and its parameters, policy with the resolved
+    cover rate, seed)."""
     a = cfg.attack
     params = plain(a.get("params"))
     if a.name == "none":
         return clean_set(train, test)
-    parts = {"train": fingerprint({"x": train.x, "y": train.y}), "test": fingerprint({"x": test.x, "y": test.y}),
-             "attack": a.name, "params": params, "policy": attack_kwargs(cfg), "seed": seed}
+    attack = build_attack(a.name, seed=seed, **params)
+    policy = attack_kwargs(cfg)
+    policy["cover_rate"] = resolve_cover_rate(attack, policy["rate"], policy["cover_rate"])  # null -> attack default
+    parts = {"train": dataset_fingerprint(train), "test": dataset_fingerprint(test),
+             "attack": a.name, "params": params, "policy": policy, "seed": seed}
 
     def compute() -> PoisonedSet:
-        attack = build_attack(a.name, seed=seed, **params)
-        return poison_dataset(train, test, attack, seed=seed, ctx=AttackContext(device, seed, cache, cfg.progress), **attack_kwargs(cfg))
+        return poison_dataset(train, test, attack, seed=seed, ctx=AttackContext(device, seed, cache, cfg.progress), **policy)
 
     return cache.get_or_compute("poisoned", parts, compute)
 
@@ -120,7 +126,7 @@ def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device) -> d
 def train_baseline(cfg: DictConfig, ctx: RunContext, view_train: ImageDataset) -> torch.nn.Module:
     """The no-defense model on the poisoned data (the backdoored model M_B), cached by everything
     that produced it."""
-    parts = {"data": fingerprint({"x": view_train.x, "y": view_train.y}), "model": plain(cfg.model),
+    parts = {"data": dataset_fingerprint(view_train), "model": plain(cfg.model),
              "train": asdict(ctx.train_cfg), "seed": ctx.seed}
 
     def compute() -> dict[str, torch.Tensor]:

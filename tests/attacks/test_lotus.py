@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bdseal.attacks import AttackConfigError, build_and_poison, build_attack
+from bdseal.attacks import AttackConfigError, build_and_poison, build_attack, make_plan
 from bdseal.attacks.triggers.lotus import COLOURS, square_geometry, square_triggers
 from bdseal.data.sources import load_synthetic
 from tests.attacks._fast import CTX, E2E, TINY
@@ -78,6 +78,35 @@ def test_determinism_by_seed(attacked, data):
     ps = attacked[1]
     assert torch.equal(again.train.x, ps.train.x) and torch.equal(again.oracle.is_cover, ps.oracle.is_cover)
     assert torch.equal(again.test_triggered.x, ps.test_triggered.x)
+
+
+def test_the_plan_draws_source_class_covers(attacked, data):
+    """Covers come from make_plan's "source" pool (Lotus.cover_pool), are kept as drawn by fit, and are
+    bit-identical by seed."""
+    atk, ps = attacked
+    assert atk.cover_pool == "source" and ps.plan.cover_from == "source"
+    plan = make_plan(data.train.y, 4, rate=0.1, cover_rate=0.1, target=3, mode="source_specific", source_classes=[0],
+                     seed=0, cover_from="source")
+    assert torch.equal(ps.plan.cover_idx, plan.cover_idx) and torch.equal(ps.plan.poison_idx, plan.poison_idx)
+    assert torch.equal(torch.nonzero(ps.oracle.is_cover).flatten(), plan.cover_idx)  # fit did not re-draw
+    assert (data.train.y[plan.cover_idx] == 0).all() and len(plan.cover_idx) == len(plan.poison_idx)
+    assert not set(plan.cover_idx.tolist()) & set(plan.poison_idx.tolist())
+    other = make_plan(data.train.y, 4, rate=0.1, cover_rate=0.1, target=3, mode="source_specific", source_classes=[0],
+                      seed=1, cover_from="source")
+    assert not torch.equal(other.cover_idx, plan.cover_idx)
+
+
+def test_default_cover_count_is_the_poison_count(data):
+    ps = build_and_poison(data.train, data.test, "lotus", rate=0.1, target=3, source_classes=[0], seed=0, ctx=CTX, **TINY)
+    p, c = ps.oracle.is_poison, ps.oracle.is_cover
+    assert int(c.sum()) == int(p.sum()) == 24 and (ps.oracle.true_labels[c] == 0).all() and not (p & c).any()
+
+
+def test_fit_rejects_covers_outside_the_source_class(data):
+    plan = make_plan(data.train.y, 4, rate=0.1, cover_rate=0.1, target=3, mode="source_specific", source_classes=[0],
+                     seed=0, cover_from="target")
+    with pytest.raises(AttackConfigError, match="not-poisoned source-class"):
+        build_attack("lotus", **TINY).fit(data.train, plan, CTX)
 
 
 def test_bad_options(data):

@@ -50,3 +50,35 @@ def test_determinism_by_seed():
 def test_bad_options(kw, msg):
     with pytest.raises(AttackConfigError, match=msg):
         make_plan(LABELS, 10, **kw)
+
+
+@pytest.mark.parametrize("mode,kw,cover_from,allowed", [
+    ("source_specific", {"target": 9, "source_classes": [0, 1]}, "source", {0, 1}),
+    ("all_to_one", {"target": 3}, "source", set(range(10)) - {3}),
+    ("all_to_one", {"target": 3}, "target", {3}),
+    ("all_to_one", {"target": 3}, "any", set(range(10))),
+])
+def test_cover_pool(mode, kw, cover_from, allowed):
+    p = make_plan(LABELS, 10, rate=0.05, cover_rate=0.05, mode=mode, seed=4, cover_from=cover_from, **kw)
+    assert len(p.cover_idx) == 50 and p.cover_from == cover_from and p.cover_rate == 0.05
+    assert set(LABELS[p.cover_idx].tolist()) <= allowed
+    assert not set(p.cover_idx.tolist()) & set(p.poison_idx.tolist())
+    again = make_plan(LABELS, 10, rate=0.05, cover_rate=0.05, mode=mode, seed=4, cover_from=cover_from, **kw)
+    assert torch.equal(again.cover_idx, p.cover_idx) and torch.equal(again.poison_idx, p.poison_idx)
+
+
+def test_cover_pool_does_not_change_the_victims():
+    a = make_plan(LABELS, 10, rate=0.05, cover_rate=0.05, target=9, mode="source_specific", source_classes=[0], seed=1)
+    b = make_plan(LABELS, 10, rate=0.05, cover_rate=0.05, target=9, mode="source_specific", source_classes=[0], seed=1,
+                  cover_from="source")
+    assert torch.equal(a.poison_idx, b.poison_idx) and not torch.equal(a.cover_idx, b.cover_idx)
+
+
+def test_cover_pool_errors():
+    with pytest.raises(AttackConfigError, match="cover pool"):
+        make_plan(LABELS, 10, rate=0.1, cover_from="bogus")
+    with pytest.raises(AttackConfigError, match="source-class covers requested"):  # 100 source images, 50 poisoned
+        make_plan(LABELS, 10, rate=0.05, cover_rate=0.06, target=9, mode="source_specific", source_classes=[0],
+                  cover_from="source")
+    with pytest.raises(AttackConfigError, match="cover samples requested"):
+        make_plan(LABELS, 10, rate=0.5, cover_rate=0.6)

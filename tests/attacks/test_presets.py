@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from bdseal.attacks import build_attack
+from bdseal.attacks.base import resolve_cover_rate
 from bdseal.experiment.config import compose_config
 from bdseal.experiment.run import plain
 
-# preset: (attack, rate, target, mode, cover_rate, rate_of, expected params subset)
+# preset: (attack, rate, target, mode, effective cover rate (explicit or the attack's default), rate_of, params subset)
 TABLE = {
     "gssd/badnets": ("badnets", 0.1, 0, "all_to_one", 0.0, "dataset", {"size": 2, "pattern": "random", "position": [4, 4]}),
     "gssd/blend": ("blend", 0.1, 0, "all_to_one", 0.0, "dataset", {"alpha": 0.1, "test_alpha": 0.1}),
@@ -30,10 +31,20 @@ TABLE = {
 def test_preset_matches_the_reference_table(preset):
     name, rate, target, mode, cover, rate_of, params = TABLE[preset]
     a = compose_config([f"attack={preset}"]).attack
-    assert (a.name, a.rate, a.target, a.mode, a.cover_rate, a.rate_of) == (name, rate, target, mode, cover, rate_of)
     got = plain(a.params)
+    atk = build_attack(a.name, **got)
+    effective = resolve_cover_rate(atk, a.rate, a.cover_rate)
+    assert (a.name, a.rate, a.target, a.mode, effective, a.rate_of) == (name, rate, target, mode, cover, rate_of)
     assert {k: got[k] for k in params} == params
-    build_attack(a.name, **got).check_image((3, 32, 32))
+    atk.check_image((3, 32, 32))
+
+
+@pytest.mark.parametrize("preset,ratio", [("wanet", 2.0), ("pgbd/wanet", 2.0), ("pgrl/wanet", 1.0), ("lotus", 1.0)])
+def test_cover_rates_follow_the_poison_rate(preset, ratio):
+    """WaNet/Lotus presets leave cover_rate null: changing attack.rate keeps the paper's ratio."""
+    a = compose_config([f"attack={preset}", "attack.rate=0.03"]).attack
+    assert a.cover_rate is None
+    assert resolve_cover_rate(build_attack(a.name, **plain(a.params)), a.rate, a.cover_rate) == pytest.approx(ratio * 0.03)
 
 
 def _changed(preset):
@@ -62,6 +73,6 @@ def test_base_configs_build(name):
     if name in ("sig", "freq"):
         assert atk.default_mode == "clean_label" and a.mode is None
     if name == "wanet":
-        assert a.cover_rate == pytest.approx(2 * a.rate)  # cross ratio 2
+        assert resolve_cover_rate(atk, a.rate, a.cover_rate) == pytest.approx(2 * a.rate)  # cross ratio 2
     if name.startswith("adap_"):
         assert a.rate == a.cover_rate == 0.01

@@ -67,3 +67,51 @@ def test_wanet_poisoning_counts_and_cover_labels():
 def test_bad_options(kw, msg):
     with pytest.raises(AttackConfigError, match=msg):
         build_attack("wanet", **kw)
+
+
+def test_cover_rate_defaults_to_cross_ratio_times_rate():
+    """Issue 3: cover_rate null -> cross_ratio (2) x rate, so attack.rate=0.05 gives 10% covers."""
+    train, test = _data(), _data(40, seed=1)
+    ps = build_and_poison(train, test, "wanet", rate=0.05, target=0, seed=2)  # cover_rate left to the attack
+    assert int(ps.oracle.is_poison.sum()) == 10 and int(ps.oracle.is_cover.sum()) == 20
+    assert ps.plan.cover_rate == pytest.approx(0.1)
+    half = build_and_poison(train, test, "wanet", rate=0.05, target=0, seed=2, cross_ratio=0.5)
+    assert int(half.oracle.is_cover.sum()) == 5
+    plain = build_and_poison(train, test, "wanet", rate=0.05, target=0, seed=2, noise=False)
+    assert int(plain.oracle.is_cover.sum()) == 0  # no noise mode: no cross samples
+
+
+def test_explicit_cover_rate_wins():
+    train, test = _data(), _data(40, seed=1)
+    ps = build_and_poison(train, test, "wanet", rate=0.05, cover_rate=0.03, target=0, seed=2)
+    assert int(ps.oracle.is_cover.sum()) == 6
+    none = build_and_poison(train, test, "wanet", rate=0.05, cover_rate=0.0, target=0, seed=2)
+    assert int(none.oracle.is_cover.sum()) == 0
+
+
+def test_config_rate_override_scales_covers(tmp_path):
+    """Through the config: attack=wanet attack.rate=0.05 (cover_rate null) poisons 5% and covers 10%."""
+    from bdseal.cache import ArtifactCache
+    from bdseal.experiment.config import compose_config
+    from bdseal.experiment.run import poison
+
+    cfg = compose_config(["attack=wanet", "attack.rate=0.05", "progress=false"])
+    train, test = _data(), _data(40, seed=1)
+    ps = poison(cfg, train, test, torch.device("cpu"), ArtifactCache(tmp_path), seed=0)
+    assert int(ps.oracle.is_poison.sum()) == 10 and int(ps.oracle.is_cover.sum()) == 20
+    cfg = compose_config(["attack=wanet", "attack.rate=0.05", "attack.cover_rate=0.01", "progress=false"])
+    assert int(poison(cfg, train, test, torch.device("cpu"), ArtifactCache(tmp_path), seed=0).oracle.is_cover.sum()) == 2
+
+
+def test_out_of_range_cover_rates_are_errors():
+    train, test = _data(), _data(40, seed=1)
+    with pytest.raises(AttackConfigError, match="cover rate 1.2 implied by wanet"):
+        build_and_poison(train, test, "wanet", rate=0.6, target=0)  # 2 x 0.6 >= 1
+    with pytest.raises(AttackConfigError, match="cover rate must be in"):
+        build_and_poison(train, test, "wanet", rate=0.05, cover_rate=1.5, target=0)
+    with pytest.raises(AttackConfigError, match="cover rate must be in"):
+        build_and_poison(train, test, "wanet", rate=0.05, cover_rate=-0.1, target=0)
+    with pytest.raises(AttackConfigError, match="cover pool holds only"):
+        build_and_poison(train, test, "wanet", rate=0.4, target=0)  # 80 poisoned + 160 covers > 200 samples
+    with pytest.raises(AttackConfigError, match="cross_ratio"):
+        build_attack("wanet", cross_ratio=-1)

@@ -57,3 +57,47 @@ def test_backdoored_ckpt_is_loaded_as_the_baseline(tmp_path):
     assert again["baseline"]["clean_acc"] == first["clean_acc"] and again["baseline"]["asr"] == first["asr"]
     with pytest.raises(FileNotFoundError, match="backdoored_ckpt"):
         run_experiment(compose_config([*FAST, f"out={tmp_path / 'c'}", f"backdoored_ckpt={tmp_path / 'missing'}"]))
+
+
+_PROBED: list = []
+
+
+def _hash_probe(view, cfg, ctx):
+    """A test defense that keys two cache entries by the defender's data, as SSL defenses do."""
+    from bdseal.defenses.base import DefenseResult
+
+    _PROBED.append((view.x, view.data_fingerprint()))
+    for kind in ("probe_a", "probe_b"):
+        ctx.cache.get_or_compute(kind, {"data": view.data_fingerprint(), "seed": ctx.seed}, lambda: 0)
+    return DefenseResult(model=ctx.build_model())
+
+
+TINY_CELL = ["dataset=synthetic", "+dataset.options.num_classes=4", "+dataset.options.n_train=40",
+             "+dataset.options.n_test=12", "+dataset.options.image_size=16", "train.epochs=1", "progress=false",
+             "baseline=true", "figures.enabled=false"]
+
+
+def test_a_run_hashes_each_training_tensor_once(tmp_path, monkeypatch):
+    """Issue 8: the poisoned-set key, the baseline key and every DefenderView.data_fingerprint() share one
+    hash per tensor (bdseal.cache.tensor_digest), and different data still gives different keys."""
+    import bdseal.cache as C
+    from bdseal.defenses import base as D
+
+    D._load_all()
+    monkeypatch.setitem(D._DEFENSES, "_hash_probe", D.DefenseSpec("_hash_probe", _hash_probe))  # removed afterwards
+    hashed: list = []
+    real = C._hash_tensor
+    monkeypatch.setattr(C, "_hash_tensor", lambda t: (hashed.append(t), real(t))[1])
+    _PROBED.clear()
+    keys = []
+    for seed in (0, 1):
+        cfg = compose_config([*TINY_CELL, f"seed={seed}", f"out={tmp_path / str(seed)}", f"cache_dir={tmp_path / 'cache'}"])
+        cfg.defense.name = "_hash_probe"
+        run_experiment(cfg)
+        x, key = _PROBED[-1]
+        keys.append(key)
+        assert sum(t is x for t in hashed) == 1  # baseline key + 3 data fingerprints: one hash
+    big = [t for t in hashed if t.dim() == 4]  # image tensors: clean pool, test set, poisoned train set per run
+    assert all(sum(u is t for u in hashed) == 1 for t in hashed)  # no tensor object hashed twice
+    assert len(big) <= 6
+    assert keys[0] != keys[1]  # another seed poisons other samples: another data key

@@ -17,14 +17,16 @@ Facts (REFERENCE.md "Other attacks", the paper and the authors' public trigger c
   other. In bdseal these negatives are the plan's **cover** samples. *Chosen*: covers are drawn from
   the not-poisoned source-class images (the authors derive negatives from victim-class images), half
   "individual" and half "combination" (``comb_fraction``), combination partner drawn by the seed.
-  The default cover count equals the poison count (conf: ``cover_rate = rate``).
+  The default cover count equals the poison count: ``default_cover_rate(rate)`` = rate, used when the
+  config's ``cover_rate`` is null; an explicit ``cover_rate`` wins.
 - Rate (*chosen*, the paper's exact rate was not recoverable from our copy): 2% of the whole training
   set (= 20% of the source class on a balanced 10-class set) poisoned + 2% covers.
 - At test time (ASR) each source-class image gets the square of its partition; the full trigger set is
   applied per partition, never mixed.
 
-The plan machinery draws covers from any class; because Lotus needs source-class covers, ``fit``
-re-draws ``plan.cover_idx`` (same count, same seed) among the not-poisoned source-class samples.
+Lotus declares ``cover_pool = "source"``, so :func:`~bdseal.attacks.plan.make_plan` itself draws the
+covers (seeded, right after the victims) among the not-poisoned source-class samples; ``fit`` only
+checks that the plan's covers are such samples and draws their trigger combinations.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Lotus(Attack):
 
     name = "lotus"
     default_mode = "source_specific"
+    cover_pool = "source"  # trigger-focusing negatives are source-class images
 
     def __init__(
         self,
@@ -106,6 +109,11 @@ class Lotus(Attack):
         self.partition: torch.Tensor | None = None  # (N,) partition of each training sample, -1 outside the source
         self.cover_bits: torch.Tensor | None = None  # (N,) trigger bitmask of each cover sample, 0 otherwise
 
+    def default_cover_rate(self, rate: float) -> float | None:
+        """As many trigger-focusing negatives as poisoned samples (*chosen*, module docstring); none with a
+        single partition (a negative needs another partition's square)."""
+        return rate if self.k >= 2 else None
+
     def check_image(self, image_shape: tuple[int, int, int]) -> None:
         square_triggers(image_shape, self.k)
 
@@ -126,8 +134,8 @@ class Lotus(Attack):
         return torch.cdist(f, self.centres.to(f.device)).argmin(dim=1).to(x.device)
 
     def fit(self, train: ImageDataset, plan: PoisonPlan, ctx: AttackContext) -> None:
-        """Surrogate features → k-means partitions of the source class; source-class covers with
-        focusing trigger combinations (re-draws ``plan.cover_idx`` inside the source class)."""
+        """Surrogate features → k-means partitions of the source class; focusing trigger combinations
+        for the plan's covers (drawn by ``make_plan`` from the source class, ``cover_pool``)."""
         if plan.mode != "source_specific":
             raise AttackConfigError(f"lotus is a source-specific attack; got mode {plan.mode!r}")
         y = train.y.cpu()
@@ -135,6 +143,15 @@ class Lotus(Attack):
         src = torch.nonzero(is_source).flatten()
         if len(src) < self.k:
             raise AttackConfigError(f"lotus: {len(src)} source-class samples cannot form {self.k} partitions")
+        cover = plan.cover_idx.cpu()
+        free = is_source.clone()
+        free[plan.poison_idx.cpu()] = False
+        if not free[cover].all():
+            raise AttackConfigError("lotus: the plan's covers must be not-poisoned source-class samples "
+                                    "(make_plan(..., cover_from='source'))")
+        n_cover = len(cover)
+        if n_cover and self.k < 2:
+            raise AttackConfigError("lotus: trigger-focusing covers need at least 2 partitions")
         self.model = train_surrogate(train, ctx, arch=self.surrogate_arch, epochs=self.surrogate_epochs,
                                 model_kw=self.params["surrogate_model"])
         feats = self._embed(train.x[src.to(train.x.device)], ctx.device)
@@ -143,20 +160,9 @@ class Lotus(Attack):
         part[src] = torch.cdist(feats, self.centres.to(feats.device)).argmin(dim=1).cpu()
         self.partition = part
         self.cover_bits = torch.zeros(len(y), dtype=torch.long)
-        n_cover = len(plan.cover_idx)
         if n_cover == 0:
             return
-        if self.k < 2:
-            raise AttackConfigError("lotus: trigger-focusing covers need at least 2 partitions")
         g = torch.Generator().manual_seed(self.seed + 6361)
-        free = is_source.clone()
-        free[plan.poison_idx.cpu()] = False
-        pool = torch.nonzero(free).flatten()
-        if len(pool) < n_cover:
-            raise AttackConfigError(f"lotus needs {n_cover} source-class covers but only {len(pool)} "
-                                    "not-poisoned source samples exist; lower cover_rate")
-        cover = pool[torch.randperm(len(pool), generator=g)[:n_cover]].sort().values
-        plan.cover_idx = cover
         own = part[cover]
         other = (own + torch.randint(1, self.k, (n_cover,), generator=g)) % self.k  # any partition but own
         comb = torch.rand(n_cover, generator=g) < self.comb_fraction

@@ -11,8 +11,10 @@ official code divides both by the height; identical for square images).
 
 "Noise mode" (WaNet's cross samples, ``noise: true``): cover samples are warped with the same grid
 plus a per-sample random grid uniform in [−1, 1]/size and keep their labels. The cross ratio of the
-paper (ρ_n = 2·ρ_a) is expressed through ``attack.cover_rate`` = 2 × ``attack.rate`` in the config
-(PGRL: covers = poison count). The cross noise is drawn from (seed, sample index), so it is the same
+paper (ρ_n = 2·ρ_a) is the ``cross_ratio`` parameter (default 2): when the config's ``cover_rate`` is
+null, ``default_cover_rate(rate)`` = ``cross_ratio`` × rate (0 without noise mode), so changing
+``attack.rate`` keeps the ratio; an explicit ``cover_rate`` wins (PGRL preset: ``cross_ratio`` 1,
+covers = poison count, REFERENCE.md "Attacks"). Covers come from any class. The cross noise is drawn from (seed, sample index), so it is the same
 for a sample whatever batch it is in. The original attack redraws poison and cross samples each
 batch because the attacker trains the model; here the poisoned set is fixed (data poisoning).
 Rate: fraction of the **whole training set**, victims from non-target classes (poisoned-label).
@@ -33,12 +35,17 @@ _NOISE_CHUNK = 1 << 22  # values of cross noise generated at once
 @register_attack
 class WaNet(Attack):
     """Warping trigger: ``k`` (control grid size, 4), ``s`` (strength, 0.5), ``grid_rescale`` (1),
-    ``noise`` (noise-mode cover samples, true)."""
+    ``noise`` (noise-mode cover samples, true), ``cross_ratio`` (cover rate / poison rate when
+    ``cover_rate`` is null, 2)."""
 
     name = "wanet"
 
-    def __init__(self, seed: int = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, noise: bool = True) -> None:
-        super().__init__(seed, k=k, s=s, grid_rescale=grid_rescale, noise=noise)
+    def __init__(self, seed: int = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, noise: bool = True,
+                 cross_ratio: float = 2.0) -> None:
+        super().__init__(seed, k=k, s=s, grid_rescale=grid_rescale, noise=noise, cross_ratio=cross_ratio)
+        if float(cross_ratio) < 0:
+            raise AttackConfigError(f"wanet cross_ratio must be >= 0, got {cross_ratio}")
+        self.cross_ratio = float(cross_ratio)
         if int(k) < 2:
             raise AttackConfigError(f"wanet k must be >= 2 (control grid k x k), got {k}")
         if float(s) < 0:
@@ -50,6 +57,10 @@ class WaNet(Attack):
         ins = torch.rand(1, 2, self.k, self.k, generator=g) * 2 - 1
         self.control = ins / ins.abs().mean()  # (1, 2, k, k), drawn once from the seed
         self._cache: dict = {}
+
+    def default_cover_rate(self, rate: float) -> float | None:
+        """Noise mode: ``cross_ratio`` × rate cross samples (WaNet paper ρ_n = 2·ρ_a); none without it."""
+        return self.cross_ratio * rate if self.noise else None
 
     def check_image(self, image_shape: tuple[int, int, int]) -> None:
         _, h, w = image_shape
