@@ -20,7 +20,7 @@ def test_gssd_fast_path_outputs(tmp_path):
     ex = m["extras"]
     for key in ("detected_targets", "s_nd", "s_d", "nd_rule", "split", "no_class_flagged", "retrain"):
         assert key in ex
-    assert len(ex["s_nd"]) == 10 and ex["nd_rule"] == "either"
+    assert len(ex["s_nd"]) == 10 and ex["nd_rule"] == "robust"
     assert sum(ex["split"][k] for k in ("clean", "poisoned", "uncertain")) == m["n_train"]
     assert "auroc" in m["detection"] and "relabel_acc" in m
     saved = torch.load(out / "gssd_scores.pt")
@@ -34,12 +34,29 @@ def test_gssd_is_blind_to_the_oracle(tmp_path, monkeypatch):
     assert_oracle_blind(tmp_path, FAST, monkeypatch, extra_keys=["detected_targets", "s_nd", "split"])
 
 
+# Digits-scale detection rule (docs/gssd.md "Thresholds at CPU scale"): the paper's absolute β_ND / λ
+# thresholds are calibrated on 512-d ResNet-18 SimCLR features (REFERENCE) and do not transfer to the
+# 128-d small_half backbone; BadNets is a non-disruptive attack, so only the robust S_ND outlier rule runs.
+DIGITS_RULE = ["defense.nd_rule=robust", "defense.robust_z=3.0", "defense.detect_disruptive=false"]  # = gssd.yaml defaults, pinned
+
+
 @pytest.mark.slow
 def test_gssd_defends_badnets_on_digits(tmp_path):
     """Digits, BadNets 10% to class 0, default recipe: the target is found, the backdoor is gone and the
-    clean accuracy stays within 5 points of the undefended model trained in the same run."""
-    m = run_experiment(compose_config(["defense=gssd", f"out={tmp_path / 'r'}", "progress=false"]))
+    clean accuracy stays within 5 points of the undefended model trained in the same run.
+    Measured (session 2): target 0 found (robust z 3.28, next 1.06), clean 0.978 vs 0.983, ASR 0.000,
+    40 relabelled samples all to their true class."""
+    m = run_experiment(compose_config(["defense=gssd", *DIGITS_RULE, f"out={tmp_path / 'r'}", "progress=false"]))
     assert m["target"] in m["extras"]["detected_targets"]
     assert m["asr"] < 0.05
     assert m["clean_acc"] >= m["baseline"]["clean_acc"] - 0.05
-    assert m["detection"]["auroc"] > 0.9
+    assert m["relabel_acc"] > 0.9
+
+
+@pytest.mark.slow
+def test_gssd_flags_nothing_on_clean_digits(tmp_path):
+    """The same rule on the clean digits set (attack=none) flags no class (null calibration run)."""
+    m = run_experiment(compose_config(["defense=gssd", "attack=none", *DIGITS_RULE, f"out={tmp_path / 'r'}",
+                                       "progress=false"]))
+    assert m["extras"]["detected_targets"] == []
+    assert m["extras"]["no_class_flagged"]

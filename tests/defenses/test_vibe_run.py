@@ -65,15 +65,18 @@ def test_vibe_ss_finetune_outputs(tmp_path: Path) -> None:
     assert torch.allclose(logits.exp().sum(1), torch.ones(3), atol=1e-4)
 
 
-E2E = ["dataset=digits", "dataset.train_per_class=60", "attack=badnets", "defense=vibe_ss_f", "baseline=true",
-       "defense.iterations=200", "defense.e_step_every=50", "defense.batch_size=128", "defense.lr=0.01"]
+E2E = ["dataset=digits", "attack=badnets", "defense=vibe_ss_a", "baseline=true", "defense.ssl.epochs=20",
+       "defense.iterations=900", "defense.e_step_every=150"]
 
 
 @pytest.mark.slow
 def test_vibe_defeats_badnets_on_digits(tmp_path: Path) -> None:
     """Issue 4's done-when: VIBE ASR < 0.05 where no defense reaches > 0.9, clean accuracy within 5
-    points (reduced digits scale: 60 train images per class, 10 SimCLR epochs, 200 EM iterations)."""
-    m = run_experiment(compose_config([*E2E, f"out={tmp_path / 'r'}", "progress=false", "cache=false"]))
+    points (the default digits cell; VIBE-SS-A, SimCLR small_half 20 epochs, 900 EM iterations with an
+    E-step every 150). Measured (session 2): baseline 0.983 / 1.000, VIBE-SS-A 0.958 / 0.003, detection
+    TPR 0.978 FPR 0.007, relabel acc 0.91 (2,000 s on a 4x-oversubscribed 2-core machine)."""
+    m = run_experiment(compose_config([*E2E, f"out={tmp_path / 'r'}", "progress=false"]))
     assert m["baseline"]["asr"] > 0.9
     assert m["asr"] < 0.05
     assert m["clean_acc"] >= m["baseline"]["clean_acc"] - 0.05
+    assert m["detection"]["tpr"] > 0.9
