@@ -163,12 +163,60 @@ def derived_metrics(rows: Sequence[Row]) -> dict[int, dict[str, float]]:
     return out
 
 
+# Config keys that do not change a cell's result (run bookkeeping) or name the same data differently.
+_NOT_SETTING = ("seed", "out", "overwrite", "progress", "cache", "cache_dir", "figures", "device")
+
+
+def setting_of(row: Row) -> str:
+    """Fingerprint of everything in a row's config that produced its numbers, except the seed (and run
+    bookkeeping, and ``dataset.root``): rows may be averaged only within one setting."""
+    from bdseal.cache import fingerprint
+
+    cfg = {k: v for k, v in row.config.items() if k not in _NOT_SETTING}
+    if isinstance(cfg.get("dataset"), dict):
+        cfg["dataset"] = {k: v for k, v in cfg["dataset"].items() if k != "root"}
+    return fingerprint(cfg)
+
+
+def _scale_tag(row: Row) -> str:
+    """Short human label of a row's scale: train images per class, epochs, model."""
+    c = row.config
+    per = (c.get("dataset") or {}).get("train_per_class")
+    ep = (c.get("train") or {}).get("epochs")
+    return f"{per if per is not None else 'all'}/cls {ep}ep {row.model}"
+
+
+def _labels(rows: Sequence[Row]) -> list[str]:
+    """Attack label per row. Where one (dataset, attack, defense) holds rows of different settings (e.g.
+    stores of different scales merged), every row of that attack is labelled ``attack [scale]`` so that no
+    mean is taken across settings and a defense stays in the row of its same-scale ``none`` twin."""
+    per_row = [setting_of(r) for r in rows]
+    settings: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    tagged: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
+    for r, st in zip(rows, per_row):
+        settings[(r.dataset, r.attack, r.defense)].add(st)
+        tagged[(r.dataset, r.attack, r.defense, _scale_tag(r))].add(st)
+    split = {(ds, a) for (ds, a, _), sts in settings.items() if len(sts) > 1}
+    labels = []
+    for r, st in zip(rows, per_row):
+        if (r.dataset, r.attack) not in split:
+            labels.append(r.attack)
+            continue
+        tag = _scale_tag(r)
+        ambiguous = len(tagged[(r.dataset, r.attack, r.defense, tag)]) > 1
+        labels.append(f"{r.attack} [{tag}{' ' + st[:6] if ambiguous else ''}]")
+    return labels
+
+
 def aggregate(rows: Sequence[Row]) -> dict[tuple[str, str, str], dict[str, Stat]]:
-    """(dataset, attack, defense) -> metric -> mean/std (sample std, 0 for one seed)/n over seeds."""
+    """(dataset, attack, defense) -> metric -> mean/std (sample std, 0 for one seed)/n over seeds.
+
+    Only rows of one setting (:func:`setting_of`) are averaged: a label holding several settings is split
+    into ``attack [scale]`` labels."""
     values: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     extra = derived_metrics(rows)
-    for i, r in enumerate(rows):
-        key = (r.dataset, r.attack, r.defense)
+    for i, (r, attack) in enumerate(zip(rows, _labels(rows))):
+        key = (r.dataset, attack, r.defense)
         for name, path in METRICS.items():
             v = _get(r.metrics, path)
             if v is not None:

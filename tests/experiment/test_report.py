@@ -167,3 +167,25 @@ def test_benchmarks_script_merges_stores(store, tmp_path):
     assert "(defenses pgrl): 100 training images per class" in text and "(defenses gssd, none): 200 training images" in text
     # pgrl ran at another scale than every defense=none cell: no ratio for it
     assert "| Attack | gssd |\n|---|---|\n| badnets | 1.00 ± 0.00 |" in text
+
+
+def test_aggregate_never_averages_across_settings():
+    """Two runs of one (dataset, attack, defense) label at different scales (merged stores) are kept apart;
+    two seeds of one setting are averaged."""
+    from bdseal.experiment.report import aggregate
+    from bdseal.experiment.store import Row
+
+    def row(seed, per_class, acc):
+        cfg = {"seed": seed, "out": f"r{seed}{per_class}", "dataset": {"name": "cifar10", "train_per_class": per_class,
+               "root": f"/x{seed}"}, "train": {"epochs": 8}, "attack": {"name": "badnets"}, "defense": {"name": "none"}}
+        return Row(f"h{seed}{per_class}", "cifar10", "small_half", "badnets", "none", seed, cfg,
+                   {"clean_acc": acc, "asr": 1.0})
+
+    agg = aggregate([row(0, 200, 0.4), row(1, 200, 0.6), row(0, 500, 0.9)])
+    assert set(agg) == {("cifar10", "badnets [200/cls 8ep small_half]", "none"),
+                        ("cifar10", "badnets [500/cls 8ep small_half]", "none")}
+    small = agg[("cifar10", "badnets [200/cls 8ep small_half]", "none")]["acc"]
+    assert small.n == 2 and abs(small.mean - 0.5) < 1e-9
+    assert agg[("cifar10", "badnets [500/cls 8ep small_half]", "none")]["acc"].n == 1
+    one = aggregate([row(0, 200, 0.4), row(1, 200, 0.6)])
+    assert set(one) == {("cifar10", "badnets", "none")}
