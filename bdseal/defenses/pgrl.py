@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from bdseal.data.augment import build_augment
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.ot import sinkhorn_log
+from bdseal.plotting import pyplot, save_figure
 from bdseal.prototypes import class_means
 from bdseal.train.loop import Batch, TrainHooks, TrainState, fit
 
@@ -440,10 +441,7 @@ def plot_weight_distribution(weights: torch.Tensor, poison_mask: torch.Tensor | 
                              path: str | Path = "pgrl_weights.png", bins: int = 40) -> Path:
     """Histogram of final WCE weights; with a ground-truth mask (supplied by the experiment layer,
     never by the defense) clean and poisoned samples are drawn separately, as the seed's figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     w = torch.as_tensor(weights).float().cpu().numpy()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -459,8 +457,4 @@ def plot_weight_distribution(weights: torch.Tensor, poison_mask: torch.Tensor | 
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

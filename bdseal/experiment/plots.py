@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bdseal.plotting import save_figure  # noqa: E402
+
 if TYPE_CHECKING:
     from bdseal.experiment.report import Stat
 
@@ -61,11 +63,8 @@ def bars(agg: Agg, dataset: str, metric: str, label: str, path: Path, scale: flo
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def make_plots(agg: Agg, out: Path) -> list[Path]:

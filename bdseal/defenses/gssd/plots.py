@@ -14,20 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+from bdseal.plotting import pyplot, save_figure
 
 
 def _save(fig, path: str | Path | None):
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        _plt().close(fig)
+        save_figure(fig, path, dpi=110, tight_bbox=True)
     return fig
 
 
@@ -35,7 +27,7 @@ def plot_vy_histograms(v_by_class: Mapping[int, torch.Tensor], mu_by_class: Mapp
                        lam: float | Mapping[int, float] = 0.75, bins: int = 30, flagged: Sequence[int] = (), path: str | Path | None = None):
     """Fig. 2: one panel per class with the 30-bin histogram of v_y (Eq. 3), λ (dashed; one value
     or one per class) and μ_y (red)."""
-    plt = _plt()
+    plt = pyplot()
     ks = sorted(v_by_class)
     cols = min(5, max(1, len(ks)))
     rows = -(-len(ks) // cols)
@@ -59,7 +51,7 @@ def plot_sigma_distribution(score: torch.Tensor, poison_mask: torch.Tensor | Non
                             title: str = "poisoning score", path: str | Path | None = None):
     """Fig. 3: histogram of a target class's poisoning scores; with ``poison_mask`` clean samples blue and
     poisoned red (the mask comes from the experiment layer, never from the defense)."""
-    plt = _plt()
+    plt = pyplot()
     s = torch.as_tensor(score).double().cpu().numpy()
     fig, ax = plt.subplots(figsize=(5, 3))
     edges = np.histogram_bin_edges(s, bins=bins)
@@ -80,7 +72,7 @@ def plot_umap(features: torch.Tensor, labels: torch.Tensor, poison_mask: torch.T
     search) coloured by class, poisoned samples in black when ``poison_mask`` is given."""
     from bdseal.knn import umap_embed
 
-    plt = _plt()
+    plt = pyplot()
     emb = umap_embed(torch.as_tensor(features).float(), 2, n_neighbors=n_neighbors, seed=seed)
     y = torch.as_tensor(labels).cpu().numpy()
     fig, ax = plt.subplots(figsize=(5, 5))

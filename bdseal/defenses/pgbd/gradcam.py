@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.plotting import pyplot, save_figure
+
 
 def gradcam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
             class_idx: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -49,10 +51,7 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
 def save_gradcam_figure(models: Mapping[str, nn.Module], x: torch.Tensor, path: str | Path,
                         layer: str | None = None, max_images: int = 6) -> Path:
     """One row per image: the input, then each model's Grad-CAM overlay (titled with its prediction)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = x[:max_images]
     x01 = x.float().div(255) if x.dtype == torch.uint8 else x.float()
@@ -75,8 +74,4 @@ def save_gradcam_figure(models: Mapping[str, nn.Module], x: torch.Tensor, path: 
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
