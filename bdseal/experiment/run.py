@@ -22,7 +22,7 @@ from bdseal import metrics as M
 from bdseal.attacks import AttackContext, Oracle, PoisonedSet, build_attack, poison_dataset
 from bdseal.attacks.base import resolve_cover_rate
 from bdseal.cache import ArtifactCache, dataset_fingerprint
-from bdseal.data import DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
+from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
 from bdseal.models import build_model
 from bdseal.train import TrainConfig, fit, predict
@@ -41,6 +41,15 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda requested but CUDA is not available")
     return dev
+
+
+def device_description(dev: torch.device) -> str:
+    """What ran the cell, for metrics.json: ``cpu (N threads)`` or ``cuda:I (GPU name)``, plus torch's version."""
+    if dev.type == "cuda":
+        name = f"{dev.type}:{dev.index if dev.index is not None else torch.cuda.current_device()} ({torch.cuda.get_device_name(dev)})"
+    else:
+        name = f"{dev.type} ({torch.get_num_threads()} threads)"
+    return f"{name}, torch {torch.__version__}"
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
@@ -233,6 +242,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         if figs:
             metrics["figures"] = figs
     metrics["time_s"] = time.time() - t0
+    metrics["device"] = device_description(device)
     metrics["run_dir"] = str(out)
     torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
     (out / "metrics.json").write_text(json.dumps(M.clean_json(metrics), indent=2))
@@ -245,6 +255,12 @@ def _clean_subset(pool: ImageDataset, cfg: DictConfig, seed: int) -> ImageDatase
     k = cfg.defense.get("clean_per_class")
     frac = cfg.defense.get("clean_fraction")
     if k:
+        counts = torch.bincount(pool.y, minlength=pool.num_classes)
+        if int(counts.min()) < int(k):
+            raise DataError(
+                f"defense.clean_per_class={k} but the defender's clean pool (defender.holdout={cfg.defender.holdout} of "
+                f"the training split) holds only {int(counts.min())} images of its smallest class: raise defender.holdout "
+                f"or lower defense.clean_per_class")
         return per_class_subset(pool, k=int(k), seed=seed)[0]
     if frac:
         return per_class_subset(pool, fraction=float(frac), seed=seed)[0]

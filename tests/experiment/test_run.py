@@ -19,6 +19,7 @@ def test_bdseal_run_end_to_end_learns_backdoor(tmp_path, capsys):
         assert key in m
     assert m["dataset"] == "digits" and m["defense"] == "none" and 0.09 < m["poison_rate"] < 0.11
     assert m["clean_acc"] > 0.85 and m["asr"] > 0.9
+    assert m["device"].startswith("cpu (") and "torch " in m["device"]  # what ran the cell is recorded
     assert (out / "config.yaml").exists() and (out / "model.pt").exists()
     assert "results in" in capsys.readouterr().out
 
@@ -46,6 +47,13 @@ def test_unknown_names_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown defense"):
         cfg = compose_config([*FAST, f"out={tmp_path / 'x'}"])
         cfg.defense.name = "bogus"
+        run_experiment(cfg)
+
+
+def test_too_small_clean_pool_names_the_keys_to_change(tmp_path):
+    """PGRL's D_v (10 per class) from digits' default 5% hold-out (7 per class): a clear error before training."""
+    cfg = compose_config([*FAST, "defense=pgrl", f"out={tmp_path / 'x'}"])
+    with pytest.raises(ValueError, match="defense.clean_per_class=10 .* raise defender.holdout or lower defense.clean_per_class"):
         run_experiment(cfg)
 
 
