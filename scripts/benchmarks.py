@@ -130,8 +130,9 @@ def speed_section(speed: dict[str, Any] | None, speed_cmd: str) -> str:
         return "_No bench-speed results given (run `bdseal bench-speed out=FILE.json` and pass `--speed FILE.json`)._\n"
     m = speed["machine"]
     out = [f"Measured {speed.get('date', '')} on {m['platform']}, torch {m['torch']}, device `{m['device']}`"
-           f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['cpu_threads']} torch threads ({m['cpu_count']} CPUs visible; "
-           f"the machine was shared with other jobs, so absolute numbers are noisy — each timing is the best of several repeats).",
+           f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['cpu_threads']} torch threads ({m['cpu_count']} CPUs visible"
+           f"{'' if 'gpu' in m else '; the machine was shared with other jobs, so absolute numbers are noisy'}"
+           f"; each timing is the best of several repeats).",
            f"Command: `{speed_cmd}`\n"]
     if "loop" in speed:
         lp = speed["loop"]
@@ -143,6 +144,9 @@ def speed_section(speed: dict[str, Any] | None, speed_cmd: str) -> str:
                 f"| `bdseal.train.fit`, augment none | {lp['fit_images_per_s']:.1f} |",
                 f"| `bdseal.train.fit`, augment crop_flip | {lp['fit_crop_flip_images_per_s']:.1f} |", "",
                 f"Overhead (bare ÷ fit, augment none): **{lp['overhead']:.3f}** (goal ≤ {lp['goal']}); with crop_flip: {lp['overhead_with_crop_flip']:.3f}.", ""]
+        if lp.get("bare_s") and lp.get("fit_s"):
+            out += [f"Spread of the repeats (s): bare {min(lp['bare_s']):.2f}–{max(lp['bare_s']):.2f}, fit "
+                    f"{min(lp['fit_s']):.2f}–{max(lp['fit_s']):.2f}; a ratio inside that spread is not a measured overhead.", ""]
         if lp["fit_crop_flip_images_per_s"] > lp["fit_images_per_s"]:
             out += ["`fit` with crop_flip (strictly more work) measured faster than without augmentation: timing noise on "
                     "this machine is larger than the loop's own overhead, so the ratio above reflects noise, "
