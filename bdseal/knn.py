@@ -33,9 +33,13 @@ def exact_knn(features: torch.Tensor, k: int, *, include_self: bool = True, chun
     return torch.cat(idx), torch.cat(dst)
 
 
-def umap_embed(x: np.ndarray | torch.Tensor, dim: int, n_neighbors: int = 15, seed: int = 0,
+def umap_embed(x: np.ndarray | torch.Tensor, dim: int, n_neighbors: int = 15, seed: int | None = 0,
                n_epochs: int | None = None, init: str = "spectral") -> np.ndarray:
-    """UMAP (umap-learn) of ``x`` to ``dim`` dimensions with an exact precomputed kNN graph."""
+    """UMAP (umap-learn) of ``x`` to ``dim`` dimensions with an exact precomputed kNN graph.
+
+    ``seed``: an int makes the layout reproducible, but umap-learn then optimises it on one thread;
+    ``None`` lets it use every core (measured: ~31 s for 4,850 points on one thread) at the price of
+    run-to-run differences."""
     import umap  # heavy import (numba): only when needed
 
     t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x).float()
@@ -43,6 +47,6 @@ def umap_embed(x: np.ndarray | torch.Tensor, dim: int, n_neighbors: int = 15, se
     knn_i, knn_d = exact_knn(t, k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_components=dim, n_neighbors=k, random_state=seed, n_epochs=n_epochs, init=init,
+        reducer = umap.UMAP(n_components=dim, n_neighbors=k, random_state=seed, n_epochs=n_epochs, init=init, n_jobs=-1 if seed is None else 1,
                             precomputed_knn=(knn_i.numpy().astype(np.int64), knn_d.numpy().astype(np.float32), None))
         return reducer.fit_transform(t.numpy()).astype(np.float32)

@@ -17,10 +17,11 @@ def test_exact_knn_matches_brute_force_in_chunks():
         exact_knn(x, 50, include_self=False)
 
 
-def test_umap_embed_separates_far_clusters():
+@pytest.mark.parametrize("seed", [0, None])  # None = umap-learn's multi-threaded, unseeded path
+def test_umap_embed_separates_far_clusters(seed):
     g = np.random.default_rng(0)
     x = np.concatenate([g.normal(0, 1, (40, 8)), g.normal(30, 1, (40, 8))]).astype(np.float32)
-    e = umap_embed(x, 2, n_neighbors=10)
+    e = umap_embed(x, 2, n_neighbors=10, seed=seed)
     assert e.shape == (80, 2)
     nearest = exact_knn(torch.from_numpy(e), 2)[0][:, 1].numpy()  # nearest other point in the embedding
     assert ((nearest < 40) == (np.arange(80) < 40)).all()

@@ -164,7 +164,7 @@ def gaussian_max_log_density(points: torch.Tensor, anchors: torch.Tensor) -> tor
     return -0.5 * sq - 0.5 * d * math.log(2 * math.pi)
 
 
-def umap_reduce(x: np.ndarray, dim: int = 10, n_neighbors: int = 15, seed: int = 0, n_epochs: int | None = None) -> np.ndarray:
+def umap_reduce(x: np.ndarray, dim: int = 10, n_neighbors: int = 15, seed: int | None = 0, n_epochs: int | None = None) -> np.ndarray:
     """UMAP (umap-learn) of ``x`` to ``dim`` dimensions, given an exact kNN graph from ``torch.cdist``
     (``precomputed_knn``), which skips pynndescent's JIT compile. Too few points for UMAP
     (≤ dim + 2): returned unchanged."""
@@ -177,10 +177,11 @@ def umap_reduce(x: np.ndarray, dim: int = 10, n_neighbors: int = 15, seed: int =
 
 
 def wce_log_density(feats: torch.Tensor, labels: torch.Tensor, clean_feats: torch.Tensor, clean_labels: torch.Tensor,
-                    num_classes: int, dim: int = 10, n_neighbors: int = 15, seed: int = 0, n_epochs: int | None = None,
+                    num_classes: int, dim: int = 10, n_neighbors: int = 15, seed: int | None = 0, n_epochs: int | None = None,
                     progress: bool = False) -> torch.Tensor:
     """Per-sample log density (N,) under its *labelled* class's clean features (REFERENCE.md): per
-    class c, UMAP of D_v[c] ∪ {x : y = c} to ``dim``-d, then max over D_v[c] of N(·; ·, I)."""
+    class c, UMAP of D_v[c] ∪ {x : y = c} to ``dim``-d, then max over D_v[c] of N(·; ·, I).
+    ``seed=None``: multi-threaded, non-reproducible UMAP (see :func:`bdseal.knn.umap_embed`)."""
     out = torch.full((len(feats),), -float("inf"), dtype=torch.float64)
     for c in tqdm(range(num_classes), desc="pgrl weights", leave=False, disable=not progress):
         idx = torch.nonzero(labels == c).flatten()
@@ -190,7 +191,7 @@ def wce_log_density(feats: torch.Tensor, labels: torch.Tensor, clean_feats: torc
         if len(anchors) == 0:
             raise ValueError(f"PGRL: the clean set has no sample of class {c}")
         both = torch.cat([anchors, feats[idx]]).float().cpu().numpy()
-        red = torch.from_numpy(umap_reduce(both, dim, n_neighbors, seed + c, n_epochs))
+        red = torch.from_numpy(umap_reduce(both, dim, n_neighbors, None if seed is None else seed + c, n_epochs))
         out[idx] = gaussian_max_log_density(red[len(anchors):], red[: len(anchors)])
     return out
 
@@ -244,6 +245,7 @@ class PGRLConfig:
     umap_dim: int = 10
     umap_neighbors: int = 15
     umap_epochs: int | None = None
+    umap_parallel: bool = False  # True: multi-threaded UMAP, faster on many cores but not bit-reproducible
     loss_reduction: str = "sum"
     flag_rule: str = "reference"  # reference | inconsistent | negative_weight | either
     score: str = "auto"  # auto | weight | lcv
@@ -325,7 +327,8 @@ class PGRLTrainer(TrainHooks):
         """WCE weights: UMAP + Gaussian density (log space), Eq. 3, momentum (REFERENCE.md)."""
         c = self.cfg
         logd = wce_log_density(self._features(self.x_train), self.y_train.cpu(), self._features(self.xv.cpu()),
-                               self.yv.cpu(), self.k, c.umap_dim, c.umap_neighbors, self.ctx.seed + 1000 * self.epoch,
+                               self.yv.cpu(), self.k, c.umap_dim, c.umap_neighbors,
+                               None if c.umap_parallel else self.ctx.seed + 1000 * self.epoch,
                                c.umap_epochs, self.ctx.progress)
         fresh = fresh_weights(logd, c.tau).to(self.weights.device)
         self.weights = c.momentum * fresh + (1.0 - c.momentum) * self.weights
