@@ -37,7 +37,7 @@ from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, regist
 from bdseal.ot import sinkhorn_log
 from bdseal.plotting import pyplot, save_figure
 from bdseal.prototypes import class_means
-from bdseal.train.loop import Batch, TrainHooks, TrainState, fit
+from bdseal.train.loop import Batch, TrainHooks, TrainState, batched_eval, fit
 
 # ---------------------------------------------------------------------------------------------
 # model: g (features, ReLU) -> s (FC-ReLU-FC, L2-normalised sphere) -> linear classifier
@@ -312,16 +312,8 @@ class PGRLTrainer(TrainHooks):
             self.trusted_per_epoch.append(int(self._trusted_now))
 
     # ---- weights
-    @torch.no_grad()
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        was = self.model.training
-        self.model.eval()
-        out = []
-        for s in range(0, len(x), 512):
-            xb = x[s : s + 512].to(self.ctx.device).float().div_(255)
-            out.append(self.model.features(xb).float().cpu())
-        self.model.train(was)
-        return torch.cat(out)
+        return batched_eval(self.model.features, self.model, x, device=self.ctx.device, amp=False)
 
     def refresh_weights(self) -> None:
         """WCE weights: UMAP + Gaussian density (log space), Eq. 3, momentum (REFERENCE.md)."""

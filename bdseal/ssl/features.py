@@ -28,7 +28,7 @@ from bdseal.ssl.byol import BYOL
 from bdseal.ssl.foundation import FoundationEncoder, load_foundation
 from bdseal.ssl.loop import SSLTrainConfig, pretrain
 from bdseal.ssl.simclr import SimCLR
-from bdseal.train.loop import fit
+from bdseal.train.loop import batched_eval, fit
 
 _LOOP_KEYS = {f.name for f in fields(SSLTrainConfig)} - {"progress"}
 _ARCH = {"arch": "resnet18", "arch_params": {}}
@@ -129,16 +129,7 @@ def extract_features(encoder: nn.Module, x_uint8: torch.Tensor, device: torch.de
     :class:`FoundationEncoder` encoders."""
     if x_uint8.dtype != torch.uint8 or x_uint8.ndim != 4:
         raise ValueError(f"extract_features needs uint8 images (N, C, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}")
-    device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval().to(device)
-    out = []
-    for s in range(0, len(x_uint8), batch_size):
-        xb = x_uint8[s:s + batch_size].to(device).float().div_(255)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(encoder.features(xb).float().cpu())
-    encoder.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return batched_eval(encoder.features, encoder, x_uint8, device=device, batch_size=batch_size)
 
 
 def backbone_features(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> torch.Tensor:

@@ -260,18 +260,29 @@ def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator) 
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
-    """Logits (N, K) of uint8 images, in eval mode, batched on ``device``; returned on CPU."""
+def batched_eval(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor, *,
+                 device: torch.device | str = "cpu", batch_size: int = 512, amp: bool = True) -> torch.Tensor:
+    """``fn(batch)`` over images ``x`` (uint8, or float in [0, 1]) with ``model`` in eval mode, batched on
+    ``device`` (bf16 autocast on CUDA when ``amp``); float32 CPU outputs concatenated along dim 0. The one
+    inference loop behind predictions, SSL features, PGRL features and PGBD activations."""
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
     out = []
-    for s in range(0, len(x), batch_size):
-        xb = x[s : s + batch_size].to(device).float().div_(255)
-        with _autocast(device, True):
-            out.append(model(xb).float().cpu())
-    model.train(was_training)
+    try:
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size].to(device)
+            xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+            with _autocast(device, amp):
+                out.append(fn(xb).float().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, K) of uint8 images, in eval mode, batched on ``device``; returned on CPU."""
+    return batched_eval(model, model, x, device=device, batch_size=batch_size)
 
 
 def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdseal.prototypes import kmeans_prototypes
+from bdseal.train.loop import batched_eval
 
 Space = Literal["flatten", "pool"]
 
@@ -40,17 +41,8 @@ def to_space(a: torch.Tensor, space: Space) -> torch.Tensor:
 def layer_activations(model: nn.Module, x: torch.Tensor, layer: str, *, device: torch.device | str = "cpu",
                       batch_size: int = 256) -> torch.Tensor:
     """Raw activations of stage ``layer`` for uint8 or float [0, 1] images, eval mode, on CPU (N, ...)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval().to(device)
-    out = []
-    for s in range(0, len(x), batch_size):
-        xb = x[s : s + batch_size].to(device)
-        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
-        _, acts = model.forward_with(xb, [layer])
-        out.append(acts[layer].float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    return batched_eval(lambda xb: model.forward_with(xb, [layer])[1][layer], model, x, device=device,
+                        batch_size=batch_size, amp=False)
 
 
 def class_prototypes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int = 3,
