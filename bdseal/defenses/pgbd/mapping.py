@@ -111,7 +111,7 @@ def fit_mapping(t: torch.Tensor, s: torch.Tensor, *, epochs: int = 5, lr: float 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot, nb = tot + float(loss), nb + 1
+            tot, nb = tot + float(loss.detach()), nb + 1
         losses.append(tot / max(nb, 1))
     mapping.eval()
     for p in mapping.parameters():
