@@ -101,6 +101,14 @@ def load_rows(stores: list[Path]) -> list[Row]:
     return list(rows.values())
 
 
+def _labels_of(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str, attack: str, defense: str) -> list[str]:
+    """The table labels of ``attack``: itself, or its ``attack [scale]`` labels where merged stores split it;
+    only those holding ``defense``; without any, the plain label (one row, empty where nothing ran)."""
+    labels = sorted({lab for (ds, lab, _) in agg if ds == dataset and (lab == attack or lab.startswith(attack + " ["))})
+    with_defense = [lab for lab in labels if (dataset, lab, defense) in agg]
+    return with_defense or [attack]
+
+
 def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = "cifar10") -> str:
     """Per seed paper: its numbers next to ours for the same attacks."""
     parts = []
@@ -114,13 +122,17 @@ def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = 
                   f"ours {defense} ACC", f"ours {defense} ASR"] + ([f"ours {defense} Γ"] if "Γ" in " ".join(paper["columns"]) else [])
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         for attack, vals in paper["rows"].items():
-            none_m = agg.get((dataset, attack, "none"), {})
-            def_m = agg.get((dataset, attack, defense), {})
-            cells = [attack, *[f"{v:.2f}" for v in vals],
-                     fmt(none_m.get("acc"), "acc"), fmt(none_m.get("asr"), "asr"), fmt(def_m.get("acc"), "acc"), fmt(def_m.get("asr"), "asr")]
-            if "Γ" in " ".join(paper["columns"]):
-                cells.append(fmt(def_m.get("dem"), "dem"))
-            lines.append("| " + " | ".join(cells) + " |")
+            for label in _labels_of(agg, dataset, attack, defense):
+                none_m = agg.get((dataset, label, "none"), {})
+                def_m = agg.get((dataset, label, defense), {})
+                # a post-hoc defense's own M_B is its "no defense" (same data setting by construction)
+                none_acc = none_m.get("acc") or def_m.get("baseline_acc")
+                none_asr = none_m.get("asr") or def_m.get("baseline_asr")
+                cells = [label, *[f"{v:.2f}" for v in vals],
+                         fmt(none_acc, "acc"), fmt(none_asr, "asr"), fmt(def_m.get("acc"), "acc"), fmt(def_m.get("asr"), "asr")]
+                if "Γ" in " ".join(paper["columns"]):
+                    cells.append(fmt(def_m.get("dem"), "dem"))
+                lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 

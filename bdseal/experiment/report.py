@@ -172,10 +172,26 @@ def setting_of(row: Row) -> str:
     bookkeeping, and ``dataset.root``): rows may be averaged only within one setting."""
     from bdseal.cache import fingerprint
 
+    return fingerprint(_setting_config(row))
+
+
+def data_setting_of(row: Row) -> str:
+    """Fingerprint of the setting minus the defense side (``defense``, ``baseline``, ``backdoored_ckpt``,
+    ``defender.target_known``): the data, attack, model and recipe that every defense of one table row must
+    share with that row's ``none``."""
+    from bdseal.cache import fingerprint
+
+    cfg = {k: v for k, v in _setting_config(row).items() if k not in ("defense", "baseline", "backdoored_ckpt")}
+    if isinstance(cfg.get("defender"), dict):
+        cfg["defender"] = {k: v for k, v in cfg["defender"].items() if k != "target_known"}
+    return fingerprint(cfg)
+
+
+def _setting_config(row: Row) -> dict[str, Any]:
     cfg = {k: v for k, v in row.config.items() if k not in _NOT_SETTING}
     if isinstance(cfg.get("dataset"), dict):
         cfg["dataset"] = {k: v for k, v in cfg["dataset"].items() if k != "root"}
-    return fingerprint(cfg)
+    return cfg
 
 
 def _scale_tag(row: Row) -> str:
@@ -187,24 +203,34 @@ def _scale_tag(row: Row) -> str:
 
 
 def _labels(rows: Sequence[Row]) -> list[str]:
-    """Attack label per row. Where one (dataset, attack, defense) holds rows of different settings (e.g.
-    stores of different scales merged), every row of that attack is labelled ``attack [scale]`` so that no
-    mean is taken across settings and a defense stays in the row of its same-scale ``none`` twin."""
-    per_row = [setting_of(r) for r in rows]
-    settings: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-    tagged: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
-    for r, st in zip(rows, per_row):
-        settings[(r.dataset, r.attack, r.defense)].add(st)
-        tagged[(r.dataset, r.attack, r.defense, _scale_tag(r))].add(st)
-    split = {(ds, a) for (ds, a, _), sts in settings.items() if len(sts) > 1}
+    """Attack label per row. Where the rows of one (dataset, attack) come from different data settings
+    (e.g. stores of different scales merged: a ``none`` at one scale, a defense at another), or one
+    (dataset, attack, defense) holds rows of different settings, every row of that attack is labelled
+    ``attack [scale]`` (plus a short fingerprint where the scale tag alone is ambiguous), so that no mean is
+    taken across settings and a defense shares a table row only with the ``none`` of its own data setting."""
+    full = [setting_of(r) for r in rows]
+    data = [data_setting_of(r) for r in rows]
+    data_per_attack: dict[tuple[str, str], set[str]] = defaultdict(set)
+    full_per_defense: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    data_per_tag: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    full_per_tag: dict[tuple[str, str, str, str, str], set[str]] = defaultdict(set)
+    for r, st, dst in zip(rows, full, data):
+        tag = _scale_tag(r)
+        data_per_attack[(r.dataset, r.attack)].add(dst)
+        full_per_defense[(r.dataset, r.attack, r.defense)].add(st)
+        data_per_tag[(r.dataset, r.attack, tag)].add(dst)
+        full_per_tag[(r.dataset, r.attack, r.defense, tag, dst)].add(st)
+    split = {k for k, sts in data_per_attack.items() if len(sts) > 1}
+    split |= {(ds, a) for (ds, a, _), sts in full_per_defense.items() if len(sts) > 1}
     labels = []
-    for r, st in zip(rows, per_row):
+    for r, st, dst in zip(rows, full, data):
         if (r.dataset, r.attack) not in split:
             labels.append(r.attack)
             continue
         tag = _scale_tag(r)
-        ambiguous = len(tagged[(r.dataset, r.attack, r.defense, tag)]) > 1
-        labels.append(f"{r.attack} [{tag}{' ' + st[:6] if ambiguous else ''}]")
+        suffix = f" {dst[:6]}" if len(data_per_tag[(r.dataset, r.attack, tag)]) > 1 else ""
+        suffix += f" {st[:6]}" if len(full_per_tag[(r.dataset, r.attack, r.defense, tag, dst)]) > 1 else ""
+        labels.append(f"{r.attack} [{tag}{suffix}]")
     return labels
 
 

@@ -165,8 +165,9 @@ def test_benchmarks_script_merges_stores(store, tmp_path):
     text = out.read_text()
     assert f"--store {store} --store {tmp_path / 'other'}" in text and "these stores" in text
     assert "(defenses pgrl): 100 training images per class" in text and "(defenses gssd, none): 200 training images" in text
-    # pgrl ran at another scale than every defense=none cell: no ratio for it
-    assert "| Attack | gssd |\n|---|---|\n| badnets | 1.00 ± 0.00 |" in text
+    # pgrl ran at another scale than every defense=none cell: its own row label, and no ratio for it
+    assert "| Attack | gssd |\n|---|---|\n| badnets [200/cls 8ep small_half] | 1.00 ± 0.00 |" in text
+    assert "| badnets [100/cls 8ep small_half] | – | – | 21.0 |" in text
 
 
 def test_aggregate_never_averages_across_settings():
@@ -189,3 +190,23 @@ def test_aggregate_never_averages_across_settings():
     assert agg[("cifar10", "badnets [500/cls 8ep small_half]", "none")]["acc"].n == 1
     one = aggregate([row(0, 200, 0.4), row(1, 200, 0.6)])
     assert set(one) == {("cifar10", "badnets", "none")}
+
+
+def test_a_defense_never_shares_a_row_with_another_scales_none():
+    """Merged stores: ``none`` at 500/class (an attack table) and PGBD at 300/class (its own matrix, with its
+    M_B) must not form one row; a defense at the same data setting as ``none`` (other defense options, other
+    ``baseline``) does share it."""
+    from bdseal.experiment.report import aggregate
+    from bdseal.experiment.store import Row
+
+    def row(defense, per_class, acc, **defense_cfg):
+        cfg = {"seed": 0, "dataset": {"name": "cifar10", "train_per_class": per_class}, "train": {"epochs": 15},
+               "attack": {"name": "trojan"}, "defense": {"name": defense, **defense_cfg},
+               "baseline": "auto" if defense != "none" else False, "defender": {"holdout": 0.05, "target_known": False}}
+        return Row(f"{defense}{per_class}", "cifar10", "small_half", "trojan", defense, 0, cfg, {"clean_acc": acc, "asr": 0.5})
+
+    mixed = aggregate([row("none", 500, 0.66), row("pgbd", 300, 0.18, lam=10)])
+    assert set(mixed) == {("cifar10", "trojan [500/cls 15ep small_half]", "none"),
+                          ("cifar10", "trojan [300/cls 15ep small_half]", "pgbd")}
+    same = aggregate([row("none", 300, 0.61), row("pgbd", 300, 0.18, lam=10)])
+    assert set(same) == {("cifar10", "trojan", "none"), ("cifar10", "trojan", "pgbd")}
