@@ -177,15 +177,20 @@ def speed_section(speed: dict[str, Any] | None, speed_cmd: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def gpu_section(stores: list[Path], commands: list[str], note: str, speed: dict[str, Any] | None, speed_cmd: str) -> str:
-    """The runs made on a lent GPU: their own scale lines and tables (never merged with the CPU rows)."""
-    if not stores:
-        return ""
+def tables_of(stores: list[Path]) -> tuple[list[Row], dict[tuple[str, str, str], dict[str, Stat]], str]:
+    """The stores' merged rows, their aggregate and its Markdown tables; no finished run is an error."""
     rows = load_rows(stores)
     if not rows:
         raise SystemExit(f"{', '.join(map(str, stores))}: no finished runs")
     agg = aggregate(rows)
-    tables = "\n".join(t.markdown() for t in build_tables(agg, post_hoc_labels(rows)))
+    return rows, agg, "\n".join(t.markdown() for t in build_tables(agg, post_hoc_labels(rows)))
+
+
+def gpu_section(stores: list[Path], commands: list[str], note: str, speed: dict[str, Any] | None, speed_cmd: str) -> str:
+    """The runs made on a lent GPU: their own scale lines and tables (never merged with the CPU rows)."""
+    if not stores:
+        return ""
+    rows, _, tables = tables_of(stores)
     cmds = "\n".join(commands) or "(commands not recorded)"
     return f"""## GPU runs
 
@@ -206,11 +211,7 @@ Scale (read from the runs' configs):
 def render(store: Path | list[Path], speed: dict[str, Any] | None, commands: list[str], speed_cmd: str, note: str = "",
            speed_path: str | None = None, gpu: str = "", gpu_args: str = "") -> str:
     stores = list(store) if isinstance(store, (list, tuple)) else [store]
-    rows = load_rows(stores)
-    if not rows:
-        raise SystemExit(f"{', '.join(map(str, stores))}: no finished runs")
-    agg = aggregate(rows)
-    tables = "\n".join(t.markdown() for t in build_tables(agg, post_hoc_labels(rows)))
+    rows, agg, tables = tables_of(stores)
     defenses = sorted({r.defense for r in rows})
     cmds = "\n".join([*commands, speed_cmd] if speed else commands) or "(commands not recorded)"
     return f"""# Benchmarks

@@ -130,12 +130,17 @@ def target_found(row: Row) -> float | None:
 _NOT_PAIRED = ("defense", "baseline", "backdoored_ckpt", "figures")
 
 
-def _run_key(r: Row) -> str:
-    """A row's config without the defense's own settings: equal for a cell and its defense=none twin."""
-    cfg = {k: v for k, v in r.config.items() if k not in _NOT_PAIRED}
+def _without_defense_side(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` minus the defense's own settings (:data:`_NOT_PAIRED`, ``defender.target_known``)."""
+    cfg = {k: v for k, v in cfg.items() if k not in _NOT_PAIRED}
     if isinstance(cfg.get("defender"), dict):
         cfg["defender"] = {k: v for k, v in cfg["defender"].items() if k != "target_known"}
-    return json.dumps([r.dataset, r.attack, cfg], sort_keys=True, default=str)
+    return cfg
+
+
+def _run_key(r: Row) -> str:
+    """A row's config without the defense's own settings: equal for a cell and its defense=none twin."""
+    return json.dumps([r.dataset, r.attack, _without_defense_side(r.config)], sort_keys=True, default=str)
 
 
 def derived_metrics(rows: Sequence[Row]) -> dict[int, dict[str, float]]:
@@ -176,15 +181,11 @@ def setting_of(row: Row) -> str:
 
 
 def data_setting_of(row: Row) -> str:
-    """Fingerprint of the setting minus the defense side (``defense``, ``baseline``, ``backdoored_ckpt``,
-    ``defender.target_known``): the data, attack, model and recipe that every defense of one table row must
-    share with that row's ``none``."""
+    """Fingerprint of the setting minus the defense side (as for ``time_x_none``'s pairing): the data,
+    attack, model and recipe that every defense of one table row must share with that row's ``none``."""
     from bdseal.cache import fingerprint
 
-    cfg = {k: v for k, v in _setting_config(row).items() if k not in ("defense", "baseline", "backdoored_ckpt")}
-    if isinstance(cfg.get("defender"), dict):
-        cfg["defender"] = {k: v for k, v in cfg["defender"].items() if k != "target_known"}
-    return fingerprint(cfg)
+    return fingerprint(_without_defense_side(_setting_config(row)))
 
 
 def _setting_config(row: Row) -> dict[str, Any]:

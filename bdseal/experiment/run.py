@@ -255,13 +255,12 @@ def _clean_subset(pool: ImageDataset, cfg: DictConfig, seed: int) -> ImageDatase
     k = cfg.defense.get("clean_per_class")
     frac = cfg.defense.get("clean_fraction")
     if k:
-        counts = torch.bincount(pool.y, minlength=pool.num_classes)
-        if int(counts.min()) < int(k):
+        try:
+            return per_class_subset(pool, k=int(k), seed=seed)[0]
+        except DataError as e:
             raise DataError(
                 f"defense.clean_per_class={k} but the defender's clean pool (defender.holdout={cfg.defender.holdout} of "
-                f"the training split) holds only {int(counts.min())} images of its smallest class: raise defender.holdout "
-                f"or lower defense.clean_per_class")
-        return per_class_subset(pool, k=int(k), seed=seed)[0]
+                f"the training split) is too small ({e}): raise defender.holdout or lower defense.clean_per_class") from e
     if frac:
         return per_class_subset(pool, fraction=float(frac), seed=seed)[0]
     return pool
