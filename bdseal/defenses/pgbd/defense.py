@@ -16,6 +16,10 @@ The model is kept in **eval mode** during fine-tuning (REFERENCE: BN statistics 
 ``model.train()`` once before its epoch loop, so our hook puts the model back in eval mode at the start
 of every epoch. Prototypes are refreshed every ``update_every`` epochs as P ← α·P_new + (1 − α)·P_old
 with α = 0.75 weighting the new one (REFERENCE).
+
+D_S is **not augmented** by default (``train.augment: none``): read in the authors' code, their D_S loader
+(``datasets/data_loader.py``, ``get_train_loader``) has RandomCrop/RandomHorizontalFlip commented out. Neither
+the seed nor REFERENCE.md says; on digits this halved the clean-accuracy loss (docs/pgbd.md, session 4).
 """
 
 from __future__ import annotations
