@@ -99,6 +99,22 @@ def test_robust_rule_flags_only_the_outlier():
     assert not S.nd_flags_robust(snd[torch.arange(10) != 4], 3.5).any()
 
 
+def test_loo_z_hand_case_and_tight_cluster_behaviour():
+    """(v_k − mean of the others) / std of the others; a near-tie among the others does not blow it up the way
+    the MAD does (the robust z's failure on clean runs, docs/gssd.md)."""
+    v = torch.tensor([0.0, 1.0, 2.0, 9.0])
+    others = torch.tensor([0.0, 1.0, 2.0])
+    assert torch.allclose(S.loo_z(v)[3], (9.0 - others.mean()) / others.std())
+    assert torch.allclose(S.loo_z(v)[0], (0.0 - torch.tensor([1.0, 2.0, 9.0]).mean()) / torch.tensor([1.0, 2.0, 9.0]).std())
+    # seven classes nearly tied, one a little higher, two far below: the MAD is tiny, the std is not
+    clean = torch.tensor([-3.00, -3.001, -3.002, -2.999, -3.0005, -2.9995, -3.0015, -2.97, -4.5, -5.0])
+    assert float(S.robust_z(clean).max()) > 3.5 and float(S.loo_z(clean).max()) < 1.0
+    planted = torch.tensor([-3.1, -2.9, -3.0, -3.3, -1.2, -3.05, -2.8, -3.2, -3.0, -2.95])
+    assert (S.loo_z(planted) > 2.0).nonzero().flatten().tolist() == [4]
+    a = analyse(torch.zeros(10, 10), torch.arange(10), list(range(10)), resolve({"detect_disruptive": False, "nd_rule": "loo"}))
+    assert a["nd"] == [] and a["loo_z"].shape == (10,)
+
+
 def test_histogram_rule_finds_the_dip_of_a_bimodal_distribution():
     g = torch.Generator().manual_seed(0)
     low = 0.05 + 0.02 * torch.randn(60, generator=g)

@@ -20,7 +20,7 @@ def test_gssd_fast_path_outputs(tmp_path):
     ex = m["extras"]
     for key in ("detected_targets", "s_nd", "s_d", "nd_rule", "split", "no_class_flagged", "retrain"):
         assert key in ex
-    assert len(ex["s_nd"]) == 10 and ex["nd_rule"] == "robust"
+    assert len(ex["s_nd"]) == 10 and ex["nd_rule"] == "loo" and len(ex["s_nd_loo_z"]) == 10
     assert sum(ex["split"][k] for k in ("clean", "poisoned", "uncertain")) == m["n_train"]
     assert "auroc" in m["detection"] and "relabel_acc" in m
     saved = torch.load(out / "gssd_scores.pt")
@@ -34,10 +34,11 @@ def test_gssd_is_blind_to_the_oracle(tmp_path, monkeypatch):
     assert_oracle_blind(tmp_path, FAST, monkeypatch, extra_keys=["detected_targets", "s_nd", "split"])
 
 
-# Digits-scale detection rule (docs/gssd.md "Thresholds at CPU scale"): the paper's absolute β_ND / λ
-# thresholds are calibrated on 512-d ResNet-18 SimCLR features (REFERENCE) and do not transfer to the
-# 128-d small_half backbone; BadNets is a non-disruptive attack, so only the robust S_ND outlier rule runs.
-DIGITS_RULE = ["defense.nd_rule=robust", "defense.robust_z=3.0", "defense.detect_disruptive=false"]  # = gssd.yaml defaults, pinned
+# Digits-scale detection rule (docs/gssd.md "Thresholds at CPU scale", "Calibrating the relative rule"): the
+# paper's absolute β_ND / λ thresholds are calibrated on 512-d ResNet-18 SimCLR features (REFERENCE) and do not
+# transfer to the 128-d small_half backbone; BadNets is a non-disruptive attack, so only the leave-one-out S_ND
+# outlier rule runs (threshold chosen on validation runs, docs/gssd.md: every clean class <= 1.9; this seed's target 4.24).
+DIGITS_RULE = ["defense.nd_rule=loo", "defense.loo_z=2.0", "defense.detect_disruptive=false"]  # = gssd.yaml defaults, pinned
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
    default, Table 3 ablation via ``backbone.kind``), standardised per dimension over the training set;
 2. one normalizing flow per observed class (:mod:`.flows`, Eq. 1), all trained jointly, batched;
 3. target classes: disruptive test first (Eq. 3-4 histogram rule), then the non-disruptive test on the
-   remaining classes (Eq. 2; absolute β_ND and/or the robust relative rule, ``nd_rule``);
+   remaining classes (Eq. 2; absolute β_ND, a relative rule — robust z or leave-one-out z of S_ND across
+   classes — or absolute-or-robust, ``nd_rule``);
 4. poisoning score π = −log σ_y (Eq. 5-6), split into D̂_P / D̂_U / D̂_C (:mod:`.split`);
 5. retrain a fresh model on D̂_C with the run's recipe, fine-tune on D̂'_P relabelled by Eq. 7
    (or the Table 4 variants, ``retrain``).
@@ -33,9 +34,10 @@ DEFAULTS: dict[str, Any] = {
     "flow": {},
     "standardise": True,
     "min_class_size": 8,
-    "nd_rule": "either",  # absolute | robust | either
+    "nd_rule": "either",  # absolute | robust | loo | either (= absolute or robust)
     "beta_nd": 0.6,
     "robust_z": 3.5,
+    "loo_z": 2.0,
     "detect_disruptive": True,
     "beta_d": 0.05,
     "lam": 0.75,
@@ -52,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "save_scores": True,
 }
 RETRAIN_MODES = ("clean_then_finetune", "original_then_finetune", "clean_plus_relabelled")
-ND_RULES = ("absolute", "robust", "either")
+ND_RULES = ("absolute", "robust", "loo", "either")
 D_RULES = ("absolute", "relative")
 
 
@@ -92,6 +94,7 @@ def analyse(logp: torch.Tensor, labels: torch.Tensor, classes: list[int], c: dic
     own, foreign, foreign_col = S.own_and_foreign(logp, col)
     snd = S.s_nd(logp, col)
     rz = S.robust_z(snd)
+    lz = S.loo_z(snd)
     hist = []
     for k in range(len(classes)):  # one histogram per class (K small): no per-sample loop
         v = S.v_scores(foreign[col == k])
@@ -100,7 +103,8 @@ def analyse(logp: torch.Tensor, labels: torch.Tensor, classes: list[int], c: dic
     d_flag = torch.tensor([h.flagged for h in hist], dtype=torch.bool) if c["detect_disruptive"] else torch.zeros(len(classes), dtype=torch.bool)
     absolute = S.nd_flags_absolute(snd, c["beta_nd"])
     robust = rz > c["robust_z"]
-    nd_flag = {"absolute": absolute, "robust": robust, "either": absolute | robust}[c["nd_rule"]] & ~d_flag
+    loo = lz > c["loo_z"]
+    nd_flag = {"absolute": absolute, "robust": robust, "loo": loo, "either": absolute | robust}[c["nd_rule"]] & ~d_flag
     s = S.margin(own, foreign)
     disruptive = torch.zeros(len(labels), dtype=torch.bool)
     disruptive[col >= 0] = d_flag[col[col >= 0]]
@@ -110,7 +114,7 @@ def analyse(logp: torch.Tensor, labels: torch.Tensor, classes: list[int], c: dic
         pi = torch.where(scored, pi, (pi[scored].min() - 1.0) if scored.any() else torch.zeros_like(pi))
     cls = torch.as_tensor(classes, dtype=torch.long)
     return {
-        "snd": snd, "robust_z": rz, "hist": hist, "nd_abs": absolute, "nd_robust": robust,
+        "snd": snd, "robust_z": rz, "loo_z": lz, "hist": hist, "nd_abs": absolute, "nd_robust": robust,
         "nd": [int(cls[k]) for k in nd_flag.nonzero().squeeze(1).tolist()],
         "d": [int(cls[k]) for k in d_flag.nonzero().squeeze(1).tolist()],
         "s": s, "pi": pi, "relabel_to": cls[foreign_col], "foreign": foreign,
@@ -197,9 +201,11 @@ def _extras(a: dict[str, Any], classes: list[int], skipped: list[int], split: Sp
         "nd_targets": a["nd"], "d_targets": a["d"],
         "no_class_flagged": not (a["nd"] or a["d"]),
         "nd_rule": c["nd_rule"], "d_rule": c["d_rule"], "beta_nd": c["beta_nd"], "robust_z_threshold": c["robust_z"],
+        "loo_z_threshold": c["loo_z"],
         "s_nd": {str(k): r4(v) for k, v in zip(classes, a["snd"].tolist())},
         "nd_nll_foreign": {str(k): r4(-v) for k, v in zip(classes, a["snd"].tolist())},
         "s_nd_robust_z": {str(k): r4(v) for k, v in zip(classes, a["robust_z"].tolist())},
+        "s_nd_loo_z": {str(k): r4(v) for k, v in zip(classes, a["loo_z"].tolist())},
         "s_d": {str(k): r4(h.s_d) for k, h in zip(classes, a["hist"])},
         "mu": {str(k): r4(h.mu) for k, h in zip(classes, a["hist"])},
         "lam": {str(k): r4(h.lam) for k, h in zip(classes, a["hist"])},
