@@ -99,6 +99,24 @@ def relabel_accuracy(relabels: torch.Tensor, true_labels: torch.Tensor, is_poiso
     }
 
 
+def relabel_history_metrics(history: list[tuple[int, torch.Tensor]], observed: torch.Tensor, true_labels: torch.Tensor,
+                            is_poison: torch.Tensor) -> list[dict[str, float]]:
+    """Per relabelling round (VIBE's E-steps, issue 4): over the samples given a label, agreement with the
+    observed and with the true labels; over the poisoned samples, the fraction relabelled (label ≠ observed)
+    and the fraction given their true label. Oracle side only: defenses never call this."""
+    y, t, p = (torch.as_tensor(a).cpu() for a in (observed, true_labels, is_poison))
+    p = p.bool()
+    rows = []
+    for step, labels in history:
+        lab = torch.as_tensor(labels).cpu().long()
+        done = lab >= 0
+        pd_ = done & p
+        mean = lambda m: float(m.double().mean()) if m.numel() else float("nan")  # noqa: E731
+        rows.append({"step": int(step), "agree_observed": mean(lab[done] == y[done]), "agree_true": mean(lab[done] == t[done]),
+                     "poison_relabelled": mean(lab[pd_] != y[pd_]), "poison_to_true": mean(lab[pd_] == t[pd_])})
+    return rows
+
+
 def clean_json(value: object) -> object:
     """Replace NaN/inf by None recursively so metrics.json is strict JSON."""
     if isinstance(value, float):

@@ -50,3 +50,14 @@ def test_relabel_accuracy():
 
 def test_clean_json_replaces_nan():
     assert M.clean_json({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
+
+
+def test_relabel_history_metrics_hand_case():
+    observed = torch.tensor([0, 0, 1, 1, 2])
+    true = torch.tensor([0, 2, 1, 0, 2])
+    poison = torch.tensor([False, True, False, True, False])
+    history = [(0, torch.tensor([0, 0, 1, 1, -1])), (7, torch.tensor([0, 2, 1, 1, 2]))]
+    rows = M.relabel_history_metrics(history, observed, true, poison)
+    assert rows[0] == {"step": 0, "agree_observed": 1.0, "agree_true": 0.5, "poison_relabelled": 0.0, "poison_to_true": 0.0}
+    assert rows[1]["agree_observed"] == 0.8 and rows[1]["agree_true"] == 0.8
+    assert rows[1]["poison_relabelled"] == 0.5 and rows[1]["poison_to_true"] == 0.5

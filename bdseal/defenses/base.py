@@ -83,13 +83,16 @@ class DefenseResult:
     poisoned. ``flagged`` (N,) bool: the defense's own poisoned/clean decision. ``relabels`` (N,):
     new label per sample, −1 where not relabelled. ``extras``: defense-specific facts (JSON-able).
     Tensors the experiment layer should plot against the ground truth go to files in ``ctx.run_dir``
-    (``gssd_scores.pt``, ``pgrl_state.pt``), read by ``bdseal.experiment.figures``."""
+    (``gssd_scores.pt``, ``pgrl_state.pt``), read by ``bdseal.experiment.figures``. ``relabel_history``:
+    for iterative relabelling defenses (VIBE's E-steps), ``(step, (N,) labels)`` after each round, −1 where
+    a sample got none; the experiment layer scores it against the oracle (``metrics.relabel_history``)."""
 
     model: nn.Module
     scores: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     relabels: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    relabel_history: list[tuple[int, torch.Tensor]] | None = None
 
 
 DefenseFn = Callable[[DefenderView, dict[str, Any], RunContext], DefenseResult]

@@ -233,6 +233,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         metrics["detection"] = det
     if result.relabels is not None:
         metrics.update(M.relabel_accuracy(result.relabels, ps.oracle.true_labels, ps.oracle.is_poison))
+    if result.relabel_history:
+        metrics["relabel_history"] = M.relabel_history_metrics(result.relabel_history, ps.train.y, ps.oracle.true_labels,
+                                                                ps.oracle.is_poison)
+        for row in metrics["relabel_history"]:
+            log.info("relabelling round (oracle view) %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     if result.extras:
         metrics["extras"] = result.extras
     if cfg.figures.enabled:

@@ -54,8 +54,16 @@ def test_vibe_ss_finetune_outputs(tmp_path: Path) -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "get_defense", lambda name: type(get_defense(name))(name, spy))
-        run_experiment(compose_config([*TINY, "defense=vibe_ss_a", f"out={tmp_path / 'r'}", "progress=false", "cache=false"]))
+        m = run_experiment(compose_config([*TINY, "defense=vibe_ss_a", f"out={tmp_path / 'r'}", "progress=false", "cache=false"]))
     r = captured["r"]
+    # per E-step pseudo-labels, scored against the oracle by the experiment layer (issue 4's E-step log)
+    assert [s for s, _ in r.relabel_history] == [0, 5, 10, 12]
+    assert all(h.shape == (len(captured["y"]),) for _, h in r.relabel_history)
+    assert torch.equal(r.relabel_history[-1][1].long(), r.relabels)  # no filter here: the last round is the output
+    rows = m["relabel_history"]
+    assert [row["step"] for row in rows] == [0, 5, 10, 12]
+    assert all(0 <= row[k] <= 1 for row in rows for k in ("agree_observed", "agree_true", "poison_relabelled", "poison_to_true"))
+    assert rows[-1]["poison_to_true"] == pytest.approx(m["relabel_acc"])
     n = len(captured["y"])
     assert r.relabels.shape == (n,) and (r.relabels >= 0).all()
     assert r.scores.shape == (n,) and (r.scores >= 0).all() and (r.scores <= 1 + 1e-6).all()

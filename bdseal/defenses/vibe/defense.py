@@ -93,6 +93,7 @@ class _EM:
         self.head, self.prior, self.y, self.c, self.ctx = head, prior, y, c, ctx
         self.labels = torch.zeros_like(y)
         self.log: list[dict[str, Any]] = []
+        self.history: list[tuple[int, torch.Tensor]] = []  # (step, pseudo-labels of the kept samples)
         self.last_plan: torch.Tensor | None = None
 
     def run(self, v: torch.Tensor, step: int, first: bool = False) -> None:
@@ -102,6 +103,7 @@ class _EM:
         new = res.labels.to(self.labels.device)
         changed = round(float((new != self.labels).float().mean()), 6) if self.log else None
         self.labels.copy_(new)
+        self.history.append((step, new.to(torch.int32).cpu()))
         self.last_plan = res.log_plan
         entry = {"step": step, "agree_observed": round(observed_agreement(new, self.y), 6), "changed": changed,
                  "sinkhorn_iters": res.iterations, "marginal_error": float(f"{res.marginal_error:.3e}")}
@@ -208,7 +210,12 @@ def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defens
     extras.update(e_steps=em.log, n_kept=int(keep.sum()), n_flagged=int(flagged.sum()),
                   prior=[round(float(p), 6) for p in prior.log_prior().detach().exp()])
     model = VIBEClassifier(encoder, head, prior).to(dev).eval()
-    return DefenseResult(model, scores=scores, flagged=flagged, relabels=relabels, extras=extras)
+    history = []
+    for step, labels in em.history:  # per E-step, over all N samples: −1 for those the filter removed
+        full = torch.full((len(keep),), -1, dtype=torch.int32)
+        full[keep] = labels
+        history.append((step, full))
+    return DefenseResult(model, scores=scores, flagged=flagged, relabels=relabels, extras=extras, relabel_history=history)
 
 
 @register_defense("vibe")
