@@ -115,8 +115,10 @@ def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = 
     for defense, paper in PAPERS.items():
         parts.append(f"### {defense.upper()}\n\nReference: {paper['source']}\n")
         if not paper["rows"]:
-            ours = sorted(a for (ds, a, d) in agg if ds == dataset and d == defense)
-            parts.append(f"Our reduced-scale runs of `{defense}`: {', '.join(ours) if ours else 'none yet'} (see the tables above).\n")
+            variants = sorted({d for (ds, _, d) in agg if ds == dataset and (d == defense or d.startswith(defense + "_"))})
+            ours = sorted({a for (ds, a, d) in agg if ds == dataset and d in variants})
+            parts.append(f"Our reduced-scale runs of `{'`, `'.join(variants) or defense}`: {', '.join(ours) if ours else 'none yet'} "
+                         "(see the tables above).\n")
             continue
         header = ["Attack", *[f"paper {c}" for c in paper["columns"]], "ours none ACC", "ours none ASR",
                   f"ours {defense} ACC", f"ours {defense} ASR"] + ([f"ours {defense} Γ"] if "Γ" in " ".join(paper["columns"]) else [])
