@@ -106,12 +106,12 @@ def relabel_history_metrics(history: list[tuple[int, torch.Tensor]], observed: t
     and the fraction given their true label. Oracle side only: defenses never call this."""
     y, t, p = (torch.as_tensor(a).cpu() for a in (observed, true_labels, is_poison))
     p = p.bool()
+    mean = lambda m: float(m.double().mean()) if m.numel() else float("nan")  # noqa: E731
     rows = []
     for step, labels in history:
         lab = torch.as_tensor(labels).cpu().long()
         done = lab >= 0
         pd_ = done & p
-        mean = lambda m: float(m.double().mean()) if m.numel() else float("nan")  # noqa: E731
         rows.append({"step": int(step), "agree_observed": mean(lab[done] == y[done]), "agree_true": mean(lab[done] == t[done]),
                      "poison_relabelled": mean(lab[pd_] != y[pd_]), "poison_to_true": mean(lab[pd_] == t[pd_])})
     return rows

@@ -1,9 +1,9 @@
 """Validation runs for GSSD's relative S_ND rules: the detection stage only (backbone features, per-class flows,
-S_ND of Eq. 2), over several seeds, for clean (``attack=none``) and poisoned data. Prints and saves, per run, every
+S_ND of Eq. 2; ``bdseal.defenses.gssd.defense.detect``, the function ``defense=gssd`` runs), over several seeds, for clean (``attack=none``) and poisoned data. Prints and saves, per run, every
 class's S_ND, its robust z and its leave-one-out z, so that a threshold can be chosen that separates clean
 classes (every class of a null run, every non-target class of a poisoned run) from targets (docs/gssd.md
-"Calibrating the relative rule"). No classifier is trained; the SSL features and flows are cached exactly as in
-``bdseal run defense=gssd`` (same keys), so a later full run reuses them.
+"Calibrating the relative rule"). No classifier is trained; the SSL features and flows are cached by the same code
+as in ``bdseal run defense=gssd``, so a later full run reuses them.
 
     python scripts/gssd_null.py --seeds 0 1 2 --out bench/gssd_null/digits_none.json -- attack=none
     python scripts/gssd_null.py --seeds 0 1 2 --out bench/gssd_null/digits_badnets.json -- attack=badnets
@@ -15,17 +15,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from bdseal.cache import ArtifactCache, fingerprint
+from bdseal.cache import ArtifactCache
 from bdseal.data import split_holdout
 from bdseal.defenses import DefenderView, RunContext
-from bdseal.defenses.gssd import scores as S
-from bdseal.defenses.gssd.defense import class_log_densities, resolve
-from bdseal.defenses.gssd.flows import FlowConfig
+from bdseal.defenses.gssd.defense import detect, resolve
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
-from bdseal.ssl import backbone_features
 from bdseal.train import TrainConfig
 
 
@@ -40,25 +35,11 @@ def detection_stage(overrides: list[str], seed: int) -> dict:
     ctx = RunContext(device=dev, seed=seed, build_model=None, train_cfg=TrainConfig.from_dict(run_mod.plain(cfg.train)),
                      cache=cache, progress=False,
                      cache_parts={"dataset": run_mod.plain(cfg.dataset), "attack": run_mod.plain(cfg.attack), "seed": seed})
-    c = resolve(run_mod.defense_config(cfg))
-    view = DefenderView(train=ps.train)
-    labels = view.y.long().cpu()
-    feats = backbone_features(view, dict(c["backbone"]), ctx).float()
-    z = S.standardise(feats) if c["standardise"] else feats
-    classes = list(range(view.num_classes))
-    flow_cfg = FlowConfig(**dict(c["flow"]))
-    parts = {"features": fingerprint({"f": feats}), "standardise": c["standardise"], "classes": classes,
-             "labels": fingerprint({"y": labels}), "flow": vars(flow_cfg), "seed": seed}
-
-    def compute() -> dict:
-        logp, nll = class_log_densities(z, labels, classes, flow_cfg, seed=seed, device=dev, progress=False)
-        return {"logp": logp, "nll": nll}
-
-    logp = cache.get_or_compute("gssd_logp", parts, compute)["logp"]
-    snd = S.s_nd(logp, S.class_columns(labels, classes))
+    det = detect(DefenderView(train=ps.train), resolve(run_mod.defense_config(cfg)), ctx)
     target = int(cfg.attack.target) if cfg.attack.name != "none" else None  # for the table only, never used above
-    return {"seed": seed, "attack": str(cfg.attack.name), "target": target, "s_nd": snd.tolist(),
-            "robust_z": S.robust_z(snd).tolist(), "loo_z": S.loo_z(snd).tolist()}
+    a = det.analysis  # per-class vectors follow det.classes (classes too small for a flow are left out)
+    return {"seed": seed, "attack": str(cfg.attack.name), "target": target, "classes": det.classes,
+            "s_nd": a["snd"].tolist(), "robust_z": a["robust_z"].tolist(), "loo_z": a["loo_z"].tolist()}
 
 
 def main() -> None:
@@ -75,11 +56,12 @@ def main() -> None:
         r = detection_stage(a.overrides, seed)
         r["time_s"] = round(time.time() - t0, 1)
         rows.append(r)
-        t = r["target"]
-        others = [v for k, v in enumerate(r["loo_z"]) if k != t]
-        print(f"seed {seed} {r['attack']}: target loo_z {None if t is None else round(r['loo_z'][t], 2)}, "
-              f"max other {max(others):.2f}; robust z target {None if t is None else round(r['robust_z'][t], 2)}, "
-              f"max other {max(v for k, v in enumerate(r['robust_z']) if k != t):.2f} ({r['time_s']} s)", flush=True)
+        t = r["classes"].index(r["target"]) if r["target"] in r["classes"] else None  # column of the target
+        parts = []
+        for name in ("loo_z", "robust_z"):
+            others = max(v for k, v in enumerate(r[name]) if k != t)
+            parts.append(f"{name} target {None if t is None else round(r[name][t], 2)}, max other {others:.2f}")
+        print(f"seed {seed} {r['attack']}: {'; '.join(parts)} ({r['time_s']} s)", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"overrides": a.overrides, "runs": rows}, indent=1))
 

@@ -18,6 +18,7 @@ truly poisoned: the split is computed from features and observed labels only.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -148,12 +149,23 @@ def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext
     return model, info
 
 
-@register_defense("gssd")
-def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
-    """GSSD end to end (Algorithm 1); see the module docstring and docs/gssd.md."""
+@dataclass
+class Detection:
+    """The detection stage's outputs: ``analysis`` (see :func:`analyse`), the classes that got a flow, the
+    too-small classes skipped, the flows' final training NLL and the backbone features."""
+
+    analysis: dict[str, Any]
+    classes: list[int]
+    skipped: list[int]
+    nll: list[float]
+    features: torch.Tensor
+
+
+def detect(view: DefenderView, c: dict[str, Any], ctx: RunContext) -> Detection:
+    """Algorithm 1 up to the scores: backbone features → per-class flows (cached) → :func:`analyse`. ``c`` is a
+    :func:`resolve`-d config. Also the whole of ``scripts/gssd_null.py`` (validation runs of the rules)."""
     from bdseal.ssl import backbone_features  # imported lazily: bdseal.ssl imports bdseal.defenses.base
 
-    c = resolve(cfg)
     labels = view.y.long().cpu()
     feats = backbone_features(view, dict(c["backbone"]), ctx).float()
     z = S.standardise(feats) if c["standardise"] else feats
@@ -175,7 +187,16 @@ def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseR
         return {"logp": logp, "nll": nll}
 
     dens = ctx.cache.get_or_compute("gssd_logp", parts, compute)
-    a = analyse(dens["logp"], labels, classes, c)
+    return Detection(analyse(dens["logp"], labels, classes, c), classes, skipped, dens["nll"], feats)
+
+
+@register_defense("gssd")
+def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
+    """GSSD end to end (Algorithm 1); see the module docstring and docs/gssd.md."""
+    c = resolve(cfg)
+    labels = view.y.long().cpu()
+    det = detect(view, c, ctx)
+    a, classes = det.analysis, det.classes
     flagged_classes = sorted(a["nd"] + a["d"])
     if flagged_classes:
         split = split_dataset(labels, a["pi"], a["relabel_to"], a["nd"], a["d"], c["alpha_c"], c["alpha_p"])
@@ -186,9 +207,9 @@ def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseR
                       torch.full((n,), -1, dtype=torch.long))
         ctx.log("gssd: no class flagged as poisoned — training normally on the whole training set")
     model, info = retrain(view, split, c, ctx)
-    extras = _extras(a, classes, skipped, split, c, dens["nll"], info)
+    extras = _extras(a, classes, det.skipped, split, c, det.nll, info)
     if ctx.run_dir is not None:
-        _save_outputs(ctx, c, a, labels, classes, feats)
+        _save_outputs(ctx, c, a, labels, classes, det.features)
     return DefenseResult(model, scores=a["pi"].float(), flagged=split.poisoned.clone(), relabels=split.relabels.clone(),
                          extras=extras)
 
