@@ -82,7 +82,7 @@ def cmd_probe(argv: list[str]) -> int:
     return probe_main(argv)
 
 
-@subcommand("bench", "run a matrix, resumable: bdseal bench bench=demo attacks=[none,badnets] seeds=[0,1] [dry_run=true] [ingest=DIR]")
+@subcommand("bench", "run a matrix, resumable: bdseal bench bench=demo attacks=[none,badnets] seeds=[0,1] [dry_run=true] [ingest=DIR] [prune=true]")
 def cmd_bench(argv: list[str]) -> int:
     from bdseal.experiment import bench
 
@@ -91,6 +91,10 @@ def cmd_bench(argv: list[str]) -> int:
     if options.get("ingest"):
         roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]
         print(f"ingested {bench.ingest(spec, [str(r) for r in roots])} finished run dirs into {spec.store_path}")
+        return 0
+    if options.get("prune"):
+        moved = bench.prune_stale(spec)
+        print(f"moved {len(moved)} rows of this matrix's cells with an outdated config to {spec.out}/{bench.STALE_NAME}")
         return 0
     res = bench.run_bench(spec, dry_run=bool(options.get("dry_run")))
     print(f"bench {spec.name}: ran {len(res.ran)}, already done {len(res.skipped)}, failed {len(res.failed)}; store {res.store}")

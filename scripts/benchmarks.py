@@ -109,15 +109,16 @@ def _labels_of(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str, a
     return with_defense or [attack]
 
 
-def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = "cifar10") -> str:
-    """Per seed paper: its numbers next to ours for the same attacks."""
+def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = "cifar10", heading: str = "###",
+               ours: str = "reduced-scale") -> str:
+    """Per seed paper: its numbers next to ours for the same attacks (``ours`` names our runs' kind)."""
     parts = []
     for defense, paper in PAPERS.items():
-        parts.append(f"### {defense.upper()}\n\nReference: {paper['source']}\n")
+        parts.append(f"{heading} {defense.upper()}\n\nReference: {paper['source']}\n")
         if not paper["rows"]:
             variants = sorted({d for (ds, _, d) in agg if ds == dataset and (d == defense or d.startswith(defense + "_"))})
-            ours = sorted({a for (ds, a, d) in agg if ds == dataset and d in variants})
-            parts.append(f"Our reduced-scale runs of `{'`, `'.join(variants) or defense}`: {', '.join(ours) if ours else 'none yet'} "
+            attacks = sorted({a for (ds, a, d) in agg if ds == dataset and d in variants})
+            parts.append(f"Our {ours} runs of `{'`, `'.join(variants) or defense}`: {', '.join(attacks) if attacks else 'none yet'} "
                          "(see the tables above).\n")
             continue
         header = ["Attack", *[f"paper {c}" for c in paper["columns"]], "ours none ACC", "ours none ASR",
@@ -192,7 +193,7 @@ def gpu_section(stores: list[Path], commands: list[str], note: str, speed: dict[
     """The runs made on a lent GPU: their own scale lines and tables (never merged with the CPU rows)."""
     if not stores:
         return ""
-    rows, _, tables = tables_of(stores)
+    rows, agg, tables = tables_of(stores)
     cmds = "\n".join(commands) or "(commands not recorded)"
     return f"""## GPU runs
 
@@ -207,6 +208,11 @@ Scale (read from the runs' configs):
 {chr(10).join(scale_of(rows))}
 
 {tables}
+### Seed papers' numbers next to the GPU runs
+
+Rows are labelled with their scale where several were run; `all/cls` rows are full-scale.
+
+{comparison(agg, heading="####", ours="GPU")}
 {('### GPU speed' + chr(10) + chr(10) + speed_section(speed, speed_cmd)) if speed else ''}"""
 
 

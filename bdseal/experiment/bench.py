@@ -120,7 +120,7 @@ _AXES = {"dataset": "datasets", "attack": "attacks", "defense": "defenses", "see
 
 def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
     """``bench=NAME`` + matrix keys (``attacks=[a,b]``...) + cell overrides; returns the spec and the
-    command options ``dry_run`` / ``ingest``."""
+    command options ``dry_run`` / ``ingest`` / ``prune``."""
     bench_name, matrix, cell_over, options = None, [], [], {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -128,7 +128,7 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
             raise ValueError(f"bench: expected key=value, got {arg!r}")
         if key == "bench":
             bench_name = value
-        elif key in ("dry_run", "ingest"):
+        elif key in ("dry_run", "ingest", "prune"):
             options[key] = OmegaConf.to_container(OmegaConf.from_dotlist([arg]))[key]  # type: ignore[index]
         elif key.split(".")[0] in _SPEC_KEYS:  # also defense_overrides.pgrl=[...]
             matrix.append(arg)
@@ -294,6 +294,25 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
         log.info("bench %s: %s done in %.1fs (acc %.4f asr %s)", spec.name, cell.label, time.time() - t0,
                  metrics.get("clean_acc", float("nan")), metrics.get("asr"))
     return result
+
+
+STALE_NAME = "stale.sqlite"
+
+
+def prune_stale(spec: BenchSpec) -> list[Row]:
+    """Move the store's rows that sit on one of this matrix's cells (same dataset, attack and defense
+    labels and seed) but under another config hash — results of an older default or code setting — into
+    ``<out>/stale.sqlite``, so reports show only rows of the current configs; nothing is deleted, and rows
+    of cells outside this matrix stay. Returns the moved rows."""
+    store = ResultStore(spec.store_path)
+    current = {(c.dataset, c.attack, c.defense, c.seed): cell_config(c, spec)[1] for c in plan_cells(spec)}
+    stale = [r for r in store.rows()
+             if (r.dataset, r.attack, r.defense, r.seed) in current and current[(r.dataset, r.attack, r.defense, r.seed)] != r.config_hash]
+    store.move_to(ResultStore(Path(spec.out) / STALE_NAME), [r.config_hash for r in stale])
+    for r in stale:
+        log.info("bench %s: moved stale row %s/%s/%s/s%d (%s) to %s", spec.name, r.dataset, r.attack, r.defense, r.seed,
+                 r.config_hash, STALE_NAME)
+    return stale
 
 
 def ingest(spec: BenchSpec, roots: list[str]) -> int:

@@ -109,6 +109,17 @@ class ResultStore:
                  json.dumps(row.config, sort_keys=True), json.dumps(row.metrics, sort_keys=True), row.run_dir),
             )
 
+    def move_to(self, other: "ResultStore", config_hashes: Iterable[str]) -> int:
+        """Move the rows ``config_hashes`` into ``other`` (added there first, replacing a same-hash row,
+        then deleted here); returns how many moved."""
+        wanted = set(config_hashes)
+        moving = [r for r in self.rows() if r.config_hash in wanted]
+        for r in moving:
+            other.add(r, replace=True)
+        with self._connect() as con:
+            con.executemany("DELETE FROM runs WHERE config_hash = ?", [(r.config_hash,) for r in moving])
+        return len(moving)
+
     def rows(self) -> list[Row]:
         with self._connect() as con:
             cur = con.execute("SELECT config_hash, dataset, model, attack, defense, seed, config, metrics, run_dir "

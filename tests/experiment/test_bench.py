@@ -101,6 +101,23 @@ def test_identical_cells_run_once_and_missing_names_are_skipped(tmp_path, monkey
         run_bench(tiny_spec(tmp_path, defenses=["no_such_defense"], skip_missing=False))
 
 
+def test_prune_moves_rows_of_an_outdated_config_and_keeps_the_rest(tmp_path, monkeypatch):
+    spec = tiny_spec(tmp_path, attacks=["badnets"], seeds=[0, 1])
+    count_calls(monkeypatch)
+    run_bench(spec)
+    run_bench(tiny_spec(tmp_path, attacks=["none"], seeds=[0]))  # a cell outside the matrix below
+    newer = tiny_spec(tmp_path, attacks=["badnets"], seeds=[0, 1], overrides=[*TINY, "train.epochs=2"])
+    assert not bench.prune_stale(tiny_spec(tmp_path, attacks=["badnets"], seeds=[0, 1]))  # current: nothing moves
+    moved = bench.prune_stale(newer)
+    assert sorted((r.attack, r.seed) for r in moved) == [("badnets", 0), ("badnets", 1)]
+    kept = ResultStore(spec.store_path).rows()
+    assert [(r.attack, r.seed) for r in kept] == [("none", 0)]  # not a cell of `newer`: left alone
+    stale = ResultStore(tmp_path / "b" / bench.STALE_NAME)
+    assert sorted(r.config_hash for r in stale.rows()) == sorted(r.config_hash for r in moved)
+    calls = count_calls(monkeypatch)
+    assert len(run_bench(newer).ran) == 2 and len(calls) == 2  # the new config's cells run
+
+
 def test_parse_args_config_lists_and_cell_overrides():
     spec, opts = parse_args(["bench=demo", "attacks=[badnets,blend]", "seeds=[3]", "train.epochs=1", "dry_run=true"])
     assert spec.name == "demo" and spec.attacks == ["badnets", "blend"] and spec.seeds == [3]
