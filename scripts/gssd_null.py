@@ -15,27 +15,17 @@ import json
 import time
 from pathlib import Path
 
-from bdseal.cache import ArtifactCache
-from bdseal.data import split_holdout
-from bdseal.defenses import DefenderView, RunContext
+from bdseal.defenses import DefenderView
 from bdseal.defenses.gssd.defense import detect, resolve
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
-from bdseal.train import TrainConfig
 
 
 def detection_stage(overrides: list[str], seed: int) -> dict:
     """S_ND and both relative z-scores of one (config, seed) cell, computed as ``defense=gssd`` computes them."""
     cfg = compose_config(["defense=gssd", f"seed={seed}", "progress=false", *overrides])
-    dev = run_mod.resolve_device(cfg.device)
-    cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
-    splits = run_mod.load_data(cfg)
-    train_pool, _, _, _ = split_holdout(splits.train, float(cfg.defender.holdout), seed=seed)
-    ps = run_mod.poison(cfg, train_pool, splits.test, dev, cache, seed)
-    ctx = RunContext(device=dev, seed=seed, build_model=None, train_cfg=TrainConfig.from_dict(run_mod.plain(cfg.train)),
-                     cache=cache, progress=False,
-                     cache_parts={"dataset": run_mod.plain(cfg.dataset), "attack": run_mod.plain(cfg.attack), "seed": seed})
-    det = detect(DefenderView(train=ps.train), resolve(run_mod.defense_config(cfg)), ctx)
+    cell = run_mod.prepare_cell(cfg)  # the same data, hold-out, poisoning and cache keys as `bdseal run`
+    det = detect(DefenderView(train=cell.poisoned.train), resolve(run_mod.defense_config(cfg)), cell.ctx)
     target = int(cfg.attack.target) if cfg.attack.name != "none" else None  # for the table only, never used above
     a = det.analysis  # per-class vectors follow det.classes (classes too small for a flow are left out)
     return {"seed": seed, "attack": str(cfg.attack.name), "target": target, "classes": det.classes,

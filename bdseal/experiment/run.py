@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -176,11 +176,21 @@ def detection(result: DefenseResult, oracle: Oracle) -> dict[str, float] | None:
     return M.detection_metrics(oracle.is_poison, scores=result.scores, flagged=result.flagged)
 
 
-def run_experiment(cfg: DictConfig) -> dict[str, Any]:
-    """Run one cell and write ``metrics.json``, ``config.yaml`` and ``model.pt`` to the run dir."""
-    t0 = time.time()
-    out = prepare_run_dir(cfg)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+@dataclass
+class PreparedCell:
+    """What every defense of one cell starts from: the poisoned training set (+ oracle), the defender's
+    held-out clean pool and the run context (device, seeded model factory, training recipe, cache)."""
+
+    device: torch.device
+    seed: int
+    poisoned: PoisonedSet
+    defender_pool: ImageDataset
+    ctx: RunContext
+
+
+def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
+    """Data → defender hold-out (before poisoning) → poisoning (cached) → model factory and ``RunContext``:
+    the steps ``run_experiment`` and the detection-only scripts share."""
     device = resolve_device(cfg.device)
     seed = int(cfg.seed)
     cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
@@ -199,9 +209,20 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                                mean=mean, std=std, **model_params)
 
     train_cfg = TrainConfig.from_dict({**plain(cfg.train), "progress": bool(cfg.progress)})
-    ctx = RunContext(device=device, seed=seed, build_model=make_model, train_cfg=train_cfg, cache=cache, run_dir=out,
+    ctx = RunContext(device=device, seed=seed, build_model=make_model, train_cfg=train_cfg, cache=cache, run_dir=run_dir,
                      progress=bool(cfg.progress), log=log.info,
                      cache_parts={"dataset": plain(cfg.dataset), "attack": plain(cfg.attack), "seed": seed})
+    return PreparedCell(device, seed, ps, defender_pool, ctx)
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """Run one cell and write ``metrics.json``, ``config.yaml`` and ``model.pt`` to the run dir."""
+    t0 = time.time()
+    out = prepare_run_dir(cfg)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    cell = prepare_cell(cfg, run_dir=out)
+    device, seed, ps, ctx = cell.device, cell.seed, cell.poisoned, cell.ctx
+    make_model, defender_pool = ctx.build_model, cell.defender_pool
     spec = get_defense(cfg.defense.name)
     want_baseline = cfg.baseline == "auto" and spec.name != "none" or cfg.baseline is True
     baseline_model = None

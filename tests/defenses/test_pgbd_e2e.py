@@ -13,14 +13,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from bdseal.cache import ArtifactCache
-from bdseal.data import split_holdout
 from bdseal.defenses import DefenderView, RunContext, get_defense
 from bdseal.defenses.pgbd.defense import run_neural_cleanse
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
-from bdseal.models import build_model
-from bdseal.train import TrainConfig
 from tests.helpers import assert_oracle_blind
 
 SCALE: list[str] = []  # the default digits cell (1.4k images, 20 epochs): reduced scales did not learn the backdoor
@@ -42,23 +38,12 @@ SLOW = pytest.mark.slow  # the shared M_B takes ~70 s on 2 free cores
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Setup:
     torch.set_num_threads(2)
-    cfg = compose_config([*SCALE, "progress=false"])
-    splits = run_mod.load_data(cfg)
-    train_pool, pool, _, _ = split_holdout(splits.train, 0.05, seed=0)
-    cache = ArtifactCache(tmp_path_factory.mktemp("pgbd_cache"))
-    dev = torch.device("cpu")
-    ps = run_mod.poison(cfg, train_pool, splits.test, dev, cache, 0)
-    mean, std = ps.train.channel_stats()
-
-    def make_model(num_classes=None):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return build_model("small_half", num_classes or 10, in_channels=3, image_size=32, mean=mean, std=std)
-
-    tcfg = TrainConfig.from_dict({**run_mod.plain(cfg.train), "progress": False})
-    ctx = RunContext(device=dev, seed=0, build_model=make_model, train_cfg=tcfg, cache=cache, progress=False)
+    cache_dir = tmp_path_factory.mktemp("pgbd_cache")
+    cfg = compose_config([*SCALE, "progress=false", "device=cpu", f"cache_dir={cache_dir}"])
+    cell = run_mod.prepare_cell(cfg)  # default digits cell: holdout 5%, seed 0, model small_half
+    ps, pool, ctx = cell.poisoned, cell.defender_pool, cell.ctx
     model = run_mod.train_baseline(cfg, ctx, ps.train)
-    base = run_mod.evaluate(model, ps, dev)
+    base = run_mod.evaluate(model, ps, ctx.device)
     assert base["asr"] > 0.9 and base["clean_acc"] > 0.85, base
     return Setup(ps, pool, model, ctx, base)
 
