@@ -306,9 +306,8 @@ def prune_stale(spec: BenchSpec) -> list[Row]:
     of cells outside this matrix stay. Returns the moved rows."""
     store = ResultStore(spec.store_path)
     current = {(c.dataset, c.attack, c.defense, c.seed): cell_config(c, spec)[1] for c in plan_cells(spec)}
-    stale = [r for r in store.rows()
-             if (r.dataset, r.attack, r.defense, r.seed) in current and current[(r.dataset, r.attack, r.defense, r.seed)] != r.config_hash]
-    store.move_to(ResultStore(Path(spec.out) / STALE_NAME), [r.config_hash for r in stale])
+    stale = [r for r in store.rows() if current.get((r.dataset, r.attack, r.defense, r.seed), r.config_hash) != r.config_hash]
+    store.move_to(ResultStore(Path(spec.out) / STALE_NAME), stale)
     for r in stale:
         log.info("bench %s: moved stale row %s/%s/%s/s%d (%s) to %s", spec.name, r.dataset, r.attack, r.defense, r.seed,
                  r.config_hash, STALE_NAME)

@@ -109,16 +109,14 @@ class ResultStore:
                  json.dumps(row.config, sort_keys=True), json.dumps(row.metrics, sort_keys=True), row.run_dir),
             )
 
-    def move_to(self, other: "ResultStore", config_hashes: Iterable[str]) -> int:
-        """Move the rows ``config_hashes`` into ``other`` (added there first, replacing a same-hash row,
-        then deleted here); returns how many moved."""
-        wanted = set(config_hashes)
-        moving = [r for r in self.rows() if r.config_hash in wanted]
-        for r in moving:
+    def move_to(self, other: "ResultStore", rows: Iterable[Row]) -> None:
+        """Move ``rows`` (read from this store) into ``other``: added there first, replacing a same-hash
+        row, then deleted here."""
+        rows = list(rows)
+        for r in rows:
             other.add(r, replace=True)
         with self._connect() as con:
-            con.executemany("DELETE FROM runs WHERE config_hash = ?", [(r.config_hash,) for r in moving])
-        return len(moving)
+            con.executemany("DELETE FROM runs WHERE config_hash = ?", [(r.config_hash,) for r in rows])
 
     def rows(self) -> list[Row]:
         with self._connect() as con:
