@@ -140,3 +140,27 @@ def test_gradcam_maps_and_figure(tmp_path):
     assert cam.shape == (3, 16, 16) and float(cam.min()) >= 0 and float(cam.max()) <= 1
     path = save_gradcam_figure({"M_B": model, "M_C": _tiny_model()}, x, tmp_path / "cam.png")
     assert path.exists() and path.stat().st_size > 1000
+
+
+def test_gradient_pull_measures_both_terms_of_eq4():
+    """gradient_pull: per batch ‖∇CE‖ and ‖∇λ·L_s‖ (params); λ scales the second linearly, the first not at all,
+    and a batch of target-class samples only has no sanitisation pull."""
+    from bdseal.defenses.pgbd.pav import gradient_pull
+
+    model = _tiny_model().eval()
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 1, 0, 0, 0, 0])
+    layer = model.layer_names[-1]
+    _, acts = model.forward_with(x, [layer])
+    centres, protos = class_prototypes(to_space(acts[layer], "flatten").detach(), y, 3, k=1)
+    V, active = pav(protos, target_map(3, 0)), torch.tensor([False, True, True])
+    one = gradient_pull(model, x, y, layer, "flatten", centres, V, active, lam=1.0, batch_size=4)
+    ten = gradient_pull(model, x, y, layer, "flatten", centres, V, active, lam=10.0, batch_size=4)
+    assert len(one["ce"]) == 2 and one["ce"] == ten["ce"] and min(one["ce"]) > 0
+    assert one["lam_ls"][0] > 0 and abs(ten["lam_ls"][0] - 10 * one["lam_ls"][0]) < 1e-4 * ten["lam_ls"][0]
+    assert one["lam_ls"][1] == 0.0  # second batch: all class 0 = the target, L_s is constant
+    model.zero_grad()
+    logits, acts = model.forward_with(x[:4], [layer])
+    sanitisation_loss(to_space(acts[layer], "flatten"), y[:4], centres, V, active).backward()
+    manual = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
+    assert abs(float(manual) - one["lam_ls"][0]) < 1e-4 * float(manual)

@@ -94,3 +94,27 @@ def sanitisation_loss(feat: torch.Tensor, y: torch.Tensor, centres: torch.Tensor
                       active: torch.Tensor) -> torch.Tensor:
     """Eq. 3 as in REFERENCE: L_s = Σ_batch |cos(∇_f L_p, V_y)| (target-class samples give 0)."""
     return sanitisation_terms(feat, y, centres, V, active).sum()
+
+
+def _param_grad_norm(loss: torch.Tensor, params: list[nn.Parameter]) -> float:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return float(torch.sqrt(sum(((g.float() ** 2).sum() for g in grads if g is not None), torch.tensor(0.0))))
+
+
+def gradient_pull(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, space: Space, centres: torch.Tensor,
+                  V: torch.Tensor, active: torch.Tensor, lam: float, batch_size: int,
+                  device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Per batch of ``batch_size`` (last partial batch dropped): the parameter-gradient norms of CE and of λ·L_s
+    (Eq. 4's two terms) at the model's current weights, without a step — how hard the sanitisation term pulls
+    compared with the task loss (docs/pgbd.md, session 6). ``x`` uint8 or float [0, 1] images."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out: dict[str, list[float]] = {"ce": [], "lam_ls": []}
+    for i in range(0, len(y) - batch_size + 1, batch_size):
+        xb = x[i:i + batch_size].to(device)
+        xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb.float()
+        yb = y[i:i + batch_size].to(device)
+        logits, acts = model.forward_with(xb, [layer])
+        terms = sanitisation_terms(to_space(acts[layer], space), yb, centres, V, active)
+        out["ce"].append(_param_grad_norm(F.cross_entropy(logits.float(), yb), params))
+        out["lam_ls"].append(_param_grad_norm(lam * terms.sum(), params))
+    return out

@@ -1,0 +1,65 @@
+"""How strongly PGBD's sanitisation term pulls on the backdoored model, before any fine-tuning step.
+
+For one cell (the same data, hold-out, poisoning, backdoored model M_B and cache keys as ``bdseal run
+defense=pgbd``), builds PGBD's prototypes and PAVs on D_S exactly as ``defense=pgbd`` does (known target) and
+reports, over D_S in batches of the defense's batch size, the parameter-gradient norms of CE and of λ·L_s
+(Eq. 4 with REFERENCE's Σ_batch |cos|), their ratio, and ‖a − P_c‖ in the hooked layer (docs/pgbd.md,
+"Why PGBD collapses at small scale").
+
+    python scripts/pgbd_grad_ratio.py --seeds 0 1 2 --out bench/pgbd_grad/digits.json -- attack=pgbd/badnets attack.rate=0.05
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bdseal.defenses import DefenderView
+from bdseal.defenses.pgbd.defense import _Sanitiser
+from bdseal.defenses.pgbd.pav import gradient_pull, to_space
+from bdseal.experiment import run as run_mod
+from bdseal.experiment.config import compose_config
+
+
+def measure(overrides: list[str], seed: int) -> dict:
+    cfg = compose_config(["defense=pgbd", "defender.target_known=true", f"seed={seed}", "progress=false", *overrides])
+    cell = run_mod.prepare_cell(cfg)
+    model = run_mod.train_baseline(cfg, cell.ctx, cell.poisoned.train).eval()
+    dcfg = run_mod.defense_config(cfg)
+    view = DefenderView(train=cell.poisoned.train, clean=cell.defender_pool, backdoored_model=model,
+                        known_target=int(cfg.attack.target))
+    clean = view.require_clean("pgbd")
+    san = _Sanitiser("pgbd", model, clean, dcfg, cell.ctx, None, view.known_target)
+    feats = to_space(san._acts, san.space)
+    dist = (feats - san.state.protos[clean.y]).norm(dim=1)
+    bs = int(dcfg["train"]["batch_size"])
+    pull = gradient_pull(model, clean.x, clean.y, san.layer, san.space, san.state.centres, san.state.V, san.state.active,
+                         san.lam, bs, device=cell.ctx.device)
+    ce_t, ls_t = torch.tensor(pull["ce"]), torch.tensor(pull["lam_ls"])
+    return {"seed": seed, "overrides": overrides, "layer": san.layer, "dim": int(feats.shape[1]), "n_clean": len(clean.y),
+            "lam": san.lam, "act_norm_mean": float(feats.norm(dim=1).mean()), "dist_to_proto_mean": float(dist.mean()),
+            "dist_to_proto_min": float(dist.min()), "grad_ce_median": float(ce_t.median()),
+            "grad_lam_ls_median": float(ls_t.median()), "ratio_median": float((ls_t / ce_t).median())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write (refused if it exists)")
+    ap.add_argument("overrides", nargs="*", help="bdseal config overrides after --")
+    a = ap.parse_args()
+    if a.out.exists():
+        raise SystemExit(f"{a.out} exists; choose another --out (results are never overwritten)")
+    rows = []
+    for s in a.seeds:
+        r = measure(a.overrides, s)
+        print(json.dumps(r))
+        rows.append(r)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
