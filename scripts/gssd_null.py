@@ -10,15 +10,13 @@ as in ``bdseal run defense=gssd``, so a later full run reuses them.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 from bdseal.defenses import DefenderView
 from bdseal.defenses.gssd.defense import detect, resolve
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
+from bdseal.experiment.sweep_cli import seed_sweep_args, write_json
 
 
 def detection_stage(overrides: list[str], seed: int) -> dict:
@@ -33,13 +31,7 @@ def detection_stage(overrides: list[str], seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, required=True, help="JSON file to write (refused if it exists)")
-    ap.add_argument("overrides", nargs="*", help="bdseal config overrides after --")
-    a = ap.parse_args()
-    if a.out.exists():
-        raise SystemExit(f"{a.out} exists; choose another --out or delete it")
+    a = seed_sweep_args(__doc__, [0, 1, 2])
     rows = []
     for seed in a.seeds:
         t0 = time.time()
@@ -52,8 +44,7 @@ def main() -> None:
             others = max(v for k, v in enumerate(r[name]) if k != t)
             parts.append(f"{name} target {None if t is None else round(r[name][t], 2)}, max other {others:.2f}")
         print(f"seed {seed} {r['attack']}: {'; '.join(parts)} ({r['time_s']} s)", flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"overrides": a.overrides, "runs": rows}, indent=1))
+    write_json(a.out, {"overrides": a.overrides, "runs": rows})
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ reports, over D_S in batches of the defense's batch size, the parameter-gradient
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -21,6 +19,7 @@ from bdseal.defenses.pgbd.defense import _Sanitiser
 from bdseal.defenses.pgbd.pav import gradient_pull, to_space
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
+from bdseal.experiment.sweep_cli import seed_sweep_args, write_json
 
 
 def measure(overrides: list[str], seed: int) -> dict:
@@ -45,20 +44,13 @@ def measure(overrides: list[str], seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--out", type=Path, required=True, help="JSON file to write (refused if it exists)")
-    ap.add_argument("overrides", nargs="*", help="bdseal config overrides after --")
-    a = ap.parse_args()
-    if a.out.exists():
-        raise SystemExit(f"{a.out} exists; choose another --out (results are never overwritten)")
+    a = seed_sweep_args(__doc__, [0])
     rows = []
     for s in a.seeds:
         r = measure(a.overrides, s)
         print(json.dumps(r))
         rows.append(r)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(rows, indent=1))
+    write_json(a.out, rows)
 
 
 if __name__ == "__main__":
