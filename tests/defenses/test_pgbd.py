@@ -9,7 +9,8 @@ from torch import nn
 from bdseal.defenses.pgbd import mapping as mp
 from bdseal.defenses.pgbd.defense import nt_schedule
 from bdseal.defenses.pgbd.gradcam import gradcam, save_gradcam_figure
-from bdseal.defenses.pgbd.pav import class_prototypes, pav, sanitisation_loss, sanitisation_terms, target_map, to_space
+from bdseal.defenses.pgbd.pav import (class_prototypes, gradient_pull, pav, sanitisation_loss, sanitisation_terms, target_map,
+                                      to_space)
 from bdseal.models import build_model
 from bdseal.prototypes import kmeans
 
@@ -145,8 +146,6 @@ def test_gradcam_maps_and_figure(tmp_path):
 def test_gradient_pull_measures_both_terms_of_eq4():
     """gradient_pull: per batch ‖∇CE‖ and ‖∇λ·L_s‖ (params); λ scales the second linearly, the first not at all,
     and a batch of target-class samples only has no sanitisation pull."""
-    from bdseal.defenses.pgbd.pav import gradient_pull
-
     model = _tiny_model().eval()
     x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 1, 0, 0, 0, 0])

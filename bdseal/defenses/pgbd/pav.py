@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.data import to_float
 from bdseal.prototypes import kmeans_prototypes
 from bdseal.train.loop import batched_eval
 
@@ -110,8 +111,7 @@ def gradient_pull(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str
     params = [p for p in model.parameters() if p.requires_grad]
     out: dict[str, list[float]] = {"ce": [], "lam_ls": []}
     for i in range(0, len(y) - batch_size + 1, batch_size):
-        xb = x[i:i + batch_size].to(device)
-        xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb.float()
+        xb = to_float(x[i:i + batch_size].to(device))
         yb = y[i:i + batch_size].to(device)
         logits, acts = model.forward_with(xb, [layer])
         terms = sanitisation_terms(to_space(acts[layer], space), yb, centres, V, active)
