@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Callable
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+# Commands that answer ``--help`` themselves (Hydra's app help for ``run``; ``probe`` prints its module doc).
+HELP_HANDLED_BY_COMMAND = frozenset({"run", "probe"})
 
 
 def subcommand(name: str, help_: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
@@ -84,6 +87,11 @@ def cmd_probe(argv: list[str]) -> int:
 
 @subcommand("bench", "run a matrix, resumable: bdseal bench bench=demo attacks=[none,badnets] seeds=[0,1] [dry_run=true] [ingest=DIR] [prune=true]")
 def cmd_bench(argv: list[str]) -> int:
+    """Options: bench=NAME (bdseal/conf/bench/NAME.yaml or a YAML path); matrix lists datasets=/attacks=/
+    defenses=/seeds=, out=DIR, keep_going=true, defense_overrides.NAME=[...] (likewise dataset_/attack_);
+    every other key=value is a Hydra override of all cells. Commands: dry_run=true (list the cells),
+    ingest=DIR (add finished run dirs to the store), prune=true (move rows of outdated configs to
+    stale.sqlite). Cells whose results are in the store are skipped."""
     from bdseal.experiment import bench
 
     _setup_logging()
@@ -107,6 +115,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 @subcommand("report", "tables (Markdown, CSV), plots and one HTML page from a results store: bdseal report BENCH_DIR [out=DIR]")
 def cmd_report(argv: list[str]) -> int:
+    """Options: BENCH_DIR (or a results.sqlite / .jsonl), out=DIR (default BENCH_DIR/report), title=TEXT."""
     from bdseal.experiment.report import make_report
 
     paths = [a for a in argv if "=" not in a]
@@ -118,6 +127,9 @@ def cmd_report(argv: list[str]) -> int:
 
 @subcommand("bench-speed", "training-loop overhead vs a bare loop, and each defense's time vs plain training: bdseal bench-speed [out=FILE.json]")
 def cmd_bench_speed(argv: list[str]) -> int:
+    """Options: part=all|loop|defenses, device=auto|cpu|cuda, out=FILE.json, defenses=[a,b],
+    loop.model= loop.batch_size= loop.n= loop.image_size= loop.epochs= loop.repeats=; any other key=value
+    overrides the defense-timing cell (default: digits, BadNets, 60 images per class, 3 epochs)."""
     import json
 
     from bdseal.experiment import speed
@@ -139,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in SUBCOMMANDS:
         print(f"bdseal: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    return SUBCOMMANDS[cmd][1](argv)
+    help_, fn = SUBCOMMANDS[cmd]
+    if cmd not in HELP_HANDLED_BY_COMMAND and any(a in ("-h", "--help") for a in argv):
+        print(f"bdseal {cmd}: {help_}")
+        if fn.__doc__:
+            print(inspect.cleandoc(fn.__doc__))
+        return 0
+    return fn(argv)
 
 
 if __name__ == "__main__":
