@@ -15,7 +15,7 @@ import json
 import torch
 
 from bdseal.defenses import DefenderView
-from bdseal.defenses.pgbd.defense import _Sanitiser
+from bdseal.defenses.pgbd.defense import Sanitiser
 from bdseal.defenses.pgbd.pav import gradient_pull, to_space
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
@@ -30,8 +30,8 @@ def measure(overrides: list[str], seed: int) -> dict:
     view = DefenderView(train=cell.poisoned.train, clean=cell.defender_pool, backdoored_model=model,
                         known_target=int(cfg.attack.target))
     clean = view.require_clean("pgbd")
-    san = _Sanitiser("pgbd", model, clean, dcfg, cell.ctx, None, view.known_target)
-    feats = to_space(san._acts, san.space)
+    san = Sanitiser("pgbd", model, clean, dcfg, cell.ctx, None, view.known_target)
+    feats = to_space(san.clean_acts, san.space)
     dist = (feats - san.state.protos[clean.y]).norm(dim=1)
     bs = int(dcfg["train"]["batch_size"])
     pull = gradient_pull(model, clean.x, clean.y, san.layer, san.space, san.state.centres, san.state.V, san.state.active,

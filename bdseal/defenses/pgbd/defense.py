@@ -88,8 +88,11 @@ class PAVState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-class _Sanitiser:
-    """Builds prototypes and PAVs for one variant and provides the loss and hooks for ``fit``."""
+class Sanitiser:
+    """Builds prototypes and PAVs for one variant and provides the loss and hooks for ``fit``.
+
+    Public for analysis scripts (``scripts/pgbd_grad_ratio.py``): ``state`` holds the current centres,
+    prototypes and PAVs, ``clean_acts`` the layer activations of D_S at the latest prototype build."""
 
     def __init__(self, variant: str, model: nn.Module, clean: ImageDataset, cfg: dict[str, Any], ctx: RunContext,
                  nc: NCResult | None, target: int | None) -> None:
@@ -106,6 +109,7 @@ class _Sanitiser:
         self.mapping: mp.Mapping | None = None
         self.mapping_losses: list[float] = []
         self.act_shape: tuple[int, ...] = ()
+        self.clean_acts = torch.empty(0)
         centres, protos, sc, sp = self._prototypes()
         if cfg.get("mapping", {}).get("enabled"):
             self._fit_mapping(cfg["mapping"])
@@ -143,7 +147,7 @@ class _Sanitiser:
 
     def _prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         acts = self._features(self.clean.x)
-        self._acts = acts
+        self.clean_acts = acts
         centres, protos = class_prototypes(to_space(acts, self.space), self.clean.y, self.K, self.k, self.ctx.seed)
         sc = sp = None
         if self.variant == "st_pgbd":
@@ -181,7 +185,7 @@ class _Sanitiser:
             return mp.pca_reduce(mp.teacher_features(teacher, xs, self.ctx.device), channels)
 
         t = self.ctx.cache.get_or_compute("pgbd_teacher", parts, compute)
-        res = mp.fit_mapping(t, self._acts[sel], epochs=int(mcfg.get("epochs", 5)), lr=float(mcfg.get("lr", 1e-4)),
+        res = mp.fit_mapping(t, self.clean_acts[sel], epochs=int(mcfg.get("epochs", 5)), lr=float(mcfg.get("lr", 1e-4)),
                              batch_size=int(mcfg.get("batch_size", 16)), seed=self.ctx.seed, device=self.ctx.device)
         self.mapping, self.mapping_losses = res.mapping, res.losses
 
@@ -200,7 +204,7 @@ class _Sanitiser:
 
 
 class _Hooks(TrainHooks):
-    def __init__(self, san: _Sanitiser, schedule: list[int] | None) -> None:
+    def __init__(self, san: Sanitiser, schedule: list[int] | None) -> None:
         self.san, self.schedule = san, schedule
 
     def on_epoch_start(self, state: TrainState) -> None:
@@ -248,7 +252,7 @@ def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunCont
         extras["target_used"] = target if cfg.get("target_map") is None else list(cfg["target_map"])
     if nc is not None:
         extras["neural_cleanse"] = nc_extras(nc)
-    san = _Sanitiser(variant, model, clean, cfg, ctx, nc, target)
+    san = Sanitiser(variant, model, clean, cfg, ctx, nc, target)
     extras["layer"], extras["space"] = san.layer, san.space
     fit(model, clean.x, clean.y, train_cfg, device=ctx.device, loss_fn=san.loss_fn, hooks=_Hooks(san, schedule),
         seed=ctx.seed, desc=variant)
