@@ -50,8 +50,10 @@ PAPERS: dict[str, dict[str, Any]] = {
     },
     "pgrl": {
         "source": "PGRL paper, Table 3 (CIFAR-10, Pattern attack): training time 3.8 h naive training vs 4.4 h PGRL "
-                  "(x1.16). Its ACC/ASR results are in Figure 2 and the detection numbers of Table 2 are not legible in "
-                  "the seed text, so none are transcribed here.",
+                  "(x1.16). The per-cell numbers of Figure 2 (ACC/ASR) and Table 2 (detection) are stripped from the seed "
+                  "text; its Sec. 5 states the bounds PGRL reaches over Pattern, AdapBlend and Freq at 5% and 0.3% "
+                  "(ResNet-18, 55 epochs): ACC > 91% and ASR < 2% in every case (Fig. 2), TPR > 93% and FPR < 8% in "
+                  "most cases (Table 2).",
         "columns": [], "rows": {},
     },
     "vibe": {
