@@ -142,13 +142,23 @@ def comparison(agg: dict[tuple[str, str, str], dict[str, Stat]], dataset: str = 
     return "\n".join(parts)
 
 
+def machine_load(machine: dict[str, Any]) -> str:
+    """How busy the CPU was when the speed file was measured (files without a load reading were measured
+    on a shared machine)."""
+    load = machine.get("load_avg_1min")
+    if load is None:
+        return "; the machine was shared with other jobs, so absolute numbers are noisy"
+    busy = load > 0.5 * machine["cpu_count"]
+    return f"; 1-min load average {load:.2f} at the start{', other jobs were running: absolute numbers are noisy' if busy else ''}"
+
+
 def speed_section(speed: dict[str, Any] | None, speed_cmd: str) -> str:
     if not speed:
         return "_No bench-speed results given (run `bdseal bench-speed out=FILE.json` and pass `--speed FILE.json`)._\n"
     m = speed["machine"]
     out = [f"Measured {speed.get('date', '')} on {m['platform']}, torch {m['torch']}, device `{m['device']}`"
            f"{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['cpu_threads']} torch threads ({m['cpu_count']} CPUs visible"
-           f"{'' if 'gpu' in m else '; the machine was shared with other jobs, so absolute numbers are noisy'}"
+           f"{'' if 'gpu' in m else machine_load(m)}"
            f"; each timing is the best of several repeats).",
            f"Command: `{speed_cmd}`\n"]
     if "loop" in speed:

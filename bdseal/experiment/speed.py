@@ -47,6 +47,8 @@ def _sync(device: torch.device) -> None:
 def machine_info(device: torch.device) -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(device)}
+    if hasattr(os, "getloadavg"):  # other jobs on the machine inflate CPU timings; recorded so readers can tell
+        info["load_avg_1min"] = os.getloadavg()[0]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

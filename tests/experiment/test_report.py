@@ -210,3 +210,15 @@ def test_a_defense_never_shares_a_row_with_another_scales_none():
                           ("cifar10", "trojan [300/cls 15ep small_half]", "pgbd")}
     same = aggregate([row("none", 300, 0.61), row("pgbd", 300, 0.18, lam=10)])
     assert set(same) == {("cifar10", "trojan", "none"), ("cifar10", "trojan", "pgbd")}
+
+
+def test_benchmarks_speed_header_reports_machine_load():
+    """A speed file records the load average; the header says whether other jobs were running (old files
+    without it are labelled shared)."""
+    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "shared with other jobs" in mod.machine_load({"cpu_count": 2})
+    quiet = mod.machine_load({"cpu_count": 2, "load_avg_1min": 0.4})
+    assert "0.40" in quiet and "noisy" not in quiet
+    assert "other jobs were running" in mod.machine_load({"cpu_count": 2, "load_avg_1min": 3.0})

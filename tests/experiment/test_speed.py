@@ -34,3 +34,14 @@ def test_bench_speed_cli_defense_times(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["defense_times"]["cell"][-1] == "attack.rate=0.2"
     with pytest.raises(ValueError, match="unknown loop option"):
         speed.run_from_args(["loop.bogus=1"])
+
+
+def test_machine_info_records_load_average():
+    import os
+
+    import torch
+
+    info = speed.machine_info(torch.device("cpu"))
+    assert info["cpu_count"] == os.cpu_count() and info["device"] == "cpu"
+    if hasattr(os, "getloadavg"):
+        assert info["load_avg_1min"] >= 0
