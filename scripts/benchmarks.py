@@ -170,7 +170,8 @@ def speed_section(speed: dict[str, Any] | None, speed_cmd: str) -> str:
                 f"| bare forward/backward/step (one pre-made float batch) | {lp['bare_images_per_s']:.1f} |",
                 f"| `bdseal.train.fit`, augment none | {lp['fit_images_per_s']:.1f} |",
                 f"| `bdseal.train.fit`, augment crop_flip | {lp['fit_crop_flip_images_per_s']:.1f} |", "",
-                f"Overhead (bare ÷ fit, augment none): **{lp['overhead']:.3f}** (goal ≤ {lp['goal']}); with crop_flip: {lp['overhead_with_crop_flip']:.3f}.", ""]
+                f"Overhead (bare ÷ fit, augment none): **{lp['overhead']:.3f}** (goal ≤ {lp['goal']}); with crop_flip: {lp['overhead_with_crop_flip']:.3f}"
+                + (f"; from the median times instead of the best: {lp['overhead_median']:.3f}." if "overhead_median" in lp else "."), ""]
         if lp.get("bare_s") and lp.get("fit_s"):
             out += [f"Spread of the repeats (s): bare {min(lp['bare_s']):.2f}–{max(lp['bare_s']):.2f}, fit "
                     f"{min(lp['fit_s']):.2f}–{max(lp['fit_s']):.2f}; a ratio inside that spread is not a measured overhead.", ""]

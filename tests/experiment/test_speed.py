@@ -19,6 +19,7 @@ def test_loop_overhead_tiny():
     assert r["steps"] == 2 and len(r["fit_s"]) == len(r["bare_s"]) == 1
     assert r["fit_images_per_s"] == pytest.approx(16 / r["fit_s"][0])
     assert r["overhead"] == pytest.approx(r["bare_images_per_s"] / r["fit_images_per_s"]) and r["overhead"] > 0
+    assert r["overhead_median"] == pytest.approx(r["fit_s"][0] / r["bare_s"][0])  # one repeat: median = the time
     with pytest.raises(ValueError, match="no full batch"):
         speed.loop_overhead(batch_size=64, n=32, epochs=1)
 
