@@ -15,6 +15,14 @@ from bdseal.experiment.store import ResultStore, Row, cell_hash, ingest_run_dirs
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def benchmarks_script():  # type: ignore[no-untyped-def]
+    """``scripts/benchmarks.py`` (not a package module) loaded as a module."""
+    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def fake_row(attack: str, defense: str, seed: int, acc: float, asr: float | None, defense_name: str | None = None,
              mode: str | None = None, **extra) -> Row:
     """A store row; ``attack`` / ``defense`` are the labels, ``defense_name`` the config's defense (a variant)."""
@@ -129,9 +137,7 @@ def test_ingest_and_benchmarks_script(store, tmp_path):
     assert ingest_run_dirs(s, [tmp_path / "multirun"]) == 1 and ingest_run_dirs(s, [tmp_path / "multirun"]) == 0
     assert [x for x in s.rows() if x.attack == "blend"][0].config_hash == r.config_hash  # out/progress not hashed
 
-    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmarks_script()
     speed = {"machine": {"platform": "p", "torch": "t", "device": "cpu", "cpu_threads": 2, "cpu_count": 2},
              "loop": {"model": "small_half", "params": {}, "batch_size": 16, "steps": 3, "image_size": 16, "repeats": 1,
                       "bare_images_per_s": 110.0, "fit_images_per_s": 100.0, "fit_crop_flip_images_per_s": 90.0,
@@ -155,9 +161,7 @@ def test_benchmarks_script_merges_stores(store, tmp_path):
     r = fake_row("badnets", "pgrl", 0, 0.7, 0.1, time_s=21.0)
     r.config["dataset"]["train_per_class"] = 100
     other.add(Row(cell_hash(r.config), r.dataset, r.model, r.attack, r.defense, r.seed, r.config, r.metrics))
-    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmarks_script()
     rows = mod.load_rows([store, tmp_path / "other"])
     assert len(rows) == 7 and sum(x.defense == "none" and x.attack == "badnets" for x in rows) == 2
     out = tmp_path / "B.md"
@@ -215,9 +219,7 @@ def test_a_defense_never_shares_a_row_with_another_scales_none():
 def test_benchmarks_speed_header_reports_machine_load():
     """A speed file records the load average; the header says whether other jobs were running (old files
     without it are labelled shared)."""
-    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "scripts" / "benchmarks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmarks_script()
     assert "shared with other jobs" in mod.machine_load({"cpu_count": 2})
     quiet = mod.machine_load({"cpu_count": 2, "load_avg_1min": 0.4})
     assert "0.40" in quiet and "noisy" not in quiet

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from bdseal.cli import main
 from bdseal.experiment import speed
@@ -38,10 +40,6 @@ def test_bench_speed_cli_defense_times(tmp_path, capsys):
 
 
 def test_machine_info_records_load_average():
-    import os
-
-    import torch
-
     info = speed.machine_info(torch.device("cpu"))
     assert info["cpu_count"] == os.cpu_count() and info["device"] == "cpu"
     if hasattr(os, "getloadavg"):
