@@ -35,6 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from bdseal.errors import ConfigError
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
 from bdseal.metrics import clean_json
@@ -110,7 +111,7 @@ def bench_config_path(name: str) -> Path:
     packaged = resources.files("bdseal.conf") / "bench" / f"{name}.yaml"
     if not packaged.is_file():
         known = sorted(f.name[:-5] for f in (resources.files("bdseal.conf") / "bench").iterdir() if f.name.endswith(".yaml"))
-        raise ValueError(f"unknown bench config {name!r}: not a YAML file and not one of {known}")
+        raise ConfigError(f"unknown bench config {name!r}: not a YAML file and not one of {known}")
     return Path(str(packaged))
 
 

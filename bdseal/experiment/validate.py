@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import fields
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,14 +107,17 @@ def validate_run_config(cfg: DictConfig) -> None:
         _number("attack.rate", a.rate, 0.0, 1.0)
         _int("attack.target", a.target, 0)
     if cfg.defender.target_known and (a.name == "none" or a.get("target") is None):
-        raise ConfigError("defender.target_known=true but the run has no attack target "
-                          f"(attack={a.name}, attack.target={a.get('target')}); set attack.target or defender.target_known=false")
+        why = "attack=none has no target" if a.name == "none" else f"attack.target is not set for attack={a.name}"
+        raise ConfigError(f"defender.target_known=true but {why}; set attack.target=<class> or defender.target_known=false")
     try:
         TrainConfig.from_dict({**(_plain(cfg.train) or {}), "progress": False})
-    except ConfigError as e:
-        raise ConfigError(f"train: {e}") from None
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"train: {e}") from None
+    ckpt = cfg.get("backdoored_ckpt")
+    if ckpt and not Path(str(ckpt)).exists():
+        raise ConfigError(f"backdoored_ckpt={ckpt}: no such file or run directory; fix the path")
     check_defense_keys(cfg)
     if cfg.device not in ("auto", "cpu") and str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but CUDA is not available here; use device=cpu or device=auto")

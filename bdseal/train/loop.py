@@ -60,7 +60,7 @@ class TrainConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
     def __post_init__(self) -> None:
@@ -150,7 +150,7 @@ def _optimizer(params: list[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
 
 
 def _distributed() -> tuple[int, int]:
