@@ -111,8 +111,11 @@ def cmd_bench(argv: list[str]) -> int:
     spec, options = bench.parse_args(argv)
     if options.get("ingest"):
         roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]
-        print(f"ingested {bench.ingest(spec, [str(r) for r in roots])} finished run dirs into {spec.store_path}")
-        return 0
+        refused: list[str] = []
+        print(f"ingested {bench.ingest(spec, [str(r) for r in roots], refused)} finished run dirs into {spec.store_path}")
+        for why in refused:
+            print(f"  refused: {why}")
+        return 1 if refused else 0
     if options.get("prune"):
         moved = bench.prune_stale(spec)
         print(f"moved {len(moved)} rows of this matrix's cells with an outdated config to {spec.out}/{bench.STALE_NAME}")
@@ -121,6 +124,8 @@ def cmd_bench(argv: list[str]) -> int:
     print(f"bench {spec.name}: ran {len(res.ran)}, already done {len(res.skipped)}, failed {len(res.failed)}; store {res.store}")
     for name in res.missing:
         print(f"  skipped (not available): {name}")
+    for label in res.elsewhere:
+        print(f"  running in another bench process: {label}")
     for label, err in res.failed:
         print(f"  FAILED {label}: {err}")
     return 1 if res.failed else 0

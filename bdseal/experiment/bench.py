@@ -26,7 +26,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -100,6 +103,7 @@ class BenchResult:
     skipped: list[str] = field(default_factory=list)  # hashes already in the store
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell label, error)
     missing: list[str] = field(default_factory=list)  # names skipped because they are not registered
+    elsewhere: list[str] = field(default_factory=list)  # cells another live bench process is running
     store: Path | None = None
 
 
@@ -277,24 +281,52 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
         for cell, _, h in todo:
             print(f"{h}  {cell.label}  {' '.join((*cell.overrides[:3], *cell.overrides[4:]))}")
         return result
-    bar = tqdm(todo, desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
-    for cell, cfg, h in bar:
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    bar = tqdm(total=len(todo), desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
+    busy = _run_claimed(todo, spec, store, owner, result, bar)
+    if busy:  # cells another bench held: run those whose claimant has finished or died meanwhile
+        still = _run_claimed(busy, spec, store, owner, result, bar)
+        for cell, _, h in still:
+            if not store.has(h):
+                result.elsewhere.append(cell.label)
+            else:
+                result.skipped.append(h)
+    bar.close()
+    return result
+
+
+def _run_claimed(todo: list[tuple[Cell, DictConfig, str]], spec: BenchSpec, store: ResultStore, owner: str,
+                 result: BenchResult, bar: Any) -> list[tuple[Cell, DictConfig, str]]:
+    """Run each cell this process can claim in the store (:meth:`ResultStore.claim`); returns the cells
+    that another live bench holds."""
+    busy = []
+    for cell, cfg, h in todo:
+        if not store.claim(h, owner):
+            if store.has(h):
+                result.skipped.append(h)
+                bar.update(1)
+            else:
+                busy.append((cell, cfg, h))
+            continue
         bar.set_postfix_str(cell.label, refresh=True)
         t0 = time.time()
         try:
-            metrics = run_mod.run_experiment(cfg)
-        except Exception as e:  # a KeyboardInterrupt propagates: the cell stays undone
+            with store.claimed(h, owner):
+                metrics = run_mod.run_experiment(cfg)
+        except Exception as e:  # a KeyboardInterrupt propagates: the cell stays undone (claim released)
             if not spec.keep_going:
                 raise
             log.error("bench %s: cell %s failed: %s: %s", spec.name, cell.label, type(e).__name__, e)
             result.failed.append((cell.label, f"{type(e).__name__}: {e}"))
+            bar.update(1)
             continue
-        store.add(Row(h, cell.dataset, str(cfg.model.name), cell.attack, cell.defense, cell.seed,
-                      resolved_config(cfg), clean_json(metrics), str(cfg.out)))  # type: ignore[arg-type]
+        store.finish(Row(h, cell.dataset, str(cfg.model.name), cell.attack, cell.defense, cell.seed,
+                         resolved_config(cfg), clean_json(metrics), str(cfg.out)), owner)  # type: ignore[arg-type]
         result.ran.append(h)
+        bar.update(1)
         log.info("bench %s: %s done in %.1fs (acc %.4f asr %s)", spec.name, cell.label, time.time() - t0,
                  metrics.get("clean_acc", float("nan")), metrics.get("asr"))
-    return result
+    return busy
 
 
 STALE_NAME = "stale.sqlite"
@@ -315,6 +347,7 @@ def prune_stale(spec: BenchSpec) -> list[Row]:
     return stale
 
 
-def ingest(spec: BenchSpec, roots: list[str]) -> int:
-    """Add finished run dirs (e.g. from ``bdseal run -m hydra/launcher=submitit_slurm ...``) to the store."""
-    return ingest_run_dirs(ResultStore(spec.store_path), roots)
+def ingest(spec: BenchSpec, roots: list[str], refused: list[str] | None = None) -> int:
+    """Add finished run dirs (e.g. from ``bdseal run -m hydra/launcher=submitit_slurm ...``) to the store;
+    directories whose config.yaml and metrics.json disagree are refused (appended to ``refused``)."""
+    return ingest_run_dirs(ResultStore(spec.store_path), roots, refused)
