@@ -130,7 +130,7 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise ValueError(f"bench: expected key=value, got {arg!r}")
+            raise ConfigError(f"bench: expected key=value, got {arg!r}")
         if key == "bench":
             bench_name = value
         elif key in ("dry_run", "ingest", "prune"):
@@ -138,7 +138,7 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
         elif key.split(".")[0] in _SPEC_KEYS:  # also defense_overrides.pgrl=[...]
             matrix.append(arg)
         elif key in _AXES:
-            raise ValueError(f"bench: {arg!r} would fix one axis of the matrix for every cell; use {_AXES[key]}=[...]")
+            raise ConfigError(f"bench: {arg!r} would fix one axis of the matrix for every cell; use {_AXES[key]}=[...]")
         else:
             cell_over.append(arg)
     base = OmegaConf.load(bench_config_path(bench_name)) if bench_name else OmegaConf.create({})
@@ -148,7 +148,34 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
     if "attacks" in given and "attacks_by_defense" not in given:
         spec.attacks_by_defense = {}  # attacks=[...] on the command line applies to every defense
     spec.late_overrides = [*spec.late_overrides, *cell_over]
+    check_override_labels(spec, {a.partition("=")[0] for a in matrix})
     return spec, options
+
+
+def check_override_labels(spec: BenchSpec, given: set[str]) -> None:
+    """A ``<group>_overrides.<label>`` given on the command line must name a label of the matrix (a typo
+    would otherwise be ignored silently); the valid labels are listed."""
+    for key in sorted(given):
+        head, _, label = key.partition(".")
+        group = head[: -len("_overrides")] if head.endswith("_overrides") else None
+        if group not in ("dataset", "attack", "defense") or not label:
+            continue
+        labels = list(getattr(spec, _AXES[group]))
+        if labels != ["all"] and label not in labels:
+            raise ConfigError(f"bench: {key} names no {group} of the matrix; {_AXES[group]} are {labels}: "
+                              f"fix the label or add it to {_AXES[group]}=[...]")
+
+
+def validate_cells(todo: list[tuple["Cell", DictConfig, str]]) -> None:
+    """:func:`bdseal.experiment.validate.validate_run_config` on every cell before the first one runs, so a
+    typo in one cell's overrides (``+defense.<key>``, a per-class size...) stops the bench up front."""
+    from bdseal.experiment.validate import validate_run_config
+
+    for cell, cfg, _ in todo:
+        try:
+            validate_run_config(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"bench cell {cell.label}: {e}") from None
 
 
 def _conf_file(group: str, option: str) -> Any:
@@ -233,7 +260,7 @@ def plan_cells(spec: BenchSpec, missing: list[str] | None = None) -> list[Cell]:
         for n in names:
             if not label_available(spec, group, n):
                 if not spec.skip_missing:
-                    raise ValueError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/ config)")
+                    raise ConfigError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/ config)")
                 if missing is not None and f"{group}={n}" not in missing:
                     missing.append(f"{group}={n}")
     for ds, df in itertools.product(spec.datasets, defenses):
@@ -276,6 +303,7 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
             result.skipped.append(h)
         else:
             todo.append((cell, cfg, h))
+    validate_cells(todo)
     log.info("bench %s: %d cells, %d done, %d to run; store %s", spec.name, len(cells), len(result.skipped), len(todo), spec.store_path)
     if dry_run:
         for cell, _, h in todo:

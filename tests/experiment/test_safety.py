@@ -229,3 +229,15 @@ def test_a_crashed_claimants_cell_becomes_runnable_again(tmp_path):
     store.finish(Row("dead_pid", "d", "m", "a", "none", 0, {}, {}), "me")
     assert not store.claim("dead_pid", "you")  # finished: never claimed again
     assert store.claim("fresh", "me") and not store.claim("fresh", "you")
+
+
+def test_bench_override_typos_are_refused_before_any_cell_runs(tmp_path, monkeypatch):
+    from bdseal.experiment.bench import parse_args
+
+    with pytest.raises(ConfigError, match=r"defense_overrides.pgrll names no defense .* \['none', 'pgrl'\]"):
+        parse_args(["defenses=[none,pgrl]", "defense_overrides.pgrll=[defense.clean_per_class=5]"])
+    spec, _ = parse_args(["datasets=[synthetic]", "attacks=[badnets]", "defenses=[none,pgrl]", "seeds=[0]",
+                          "defense_overrides.pgrl=[+defense.clean_per_klass=5]", f"out={tmp_path / 'b'}", "progress=false", *TINY[1:]])
+    monkeypatch.setattr(run_mod, "run_experiment", lambda cfg: pytest.fail("a cell ran before validation"))
+    with pytest.raises(ConfigError, match=r"synthetic/badnets/pgrl/s0: unknown key defense.clean_per_klass"):
+        run_bench(spec)
