@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bdseal.cli import main
 from bdseal.errors import BdsealError, ConfigError, TrainingDivergedError
