@@ -44,9 +44,9 @@ def apple_mask(h: int = 14, w: int = 12) -> torch.Tensor:
     def disc(cy: float, cx: float, ry: float, rx: float) -> torch.Tensor:
         return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
 
-    body = disc(0.63, 0.31, 0.37, 0.33) | disc(0.63, 0.69, 0.37, 0.33)
-    body &= yy >= 0.27
-    bite = disc(0.52, 1.05, 0.2, 0.24)
+    body = disc(0.6, 0.33, 0.4, 0.33) | disc(0.6, 0.67, 0.4, 0.33)
+    body &= yy >= 0.2
+    bite = disc(0.55, 1.08, 0.15, 0.2)
     stalk = ((xx - 0.52).abs() <= 0.06) & (yy >= 0.17) & (yy <= 0.32)
     leaf = disc(0.11, 0.66, 0.09, 0.2)
     return ((body & ~bite) | stalk | leaf).float()
