@@ -44,6 +44,18 @@ class Attack:
         self.seed = seed
         self.params = params
 
+    def set_cover_pool(self, pool: str) -> None:
+        """Per-instance cover pool (``cover_pool`` parameter of attacks whose presets differ, e.g. PGRL's
+        WaNet and Adap-Blend covers from non-target classes = ``source``); recorded in ``params`` unless
+        it is the default ``any``."""
+        from bdseal.attacks.plan import COVER_POOLS
+
+        if pool not in COVER_POOLS:
+            raise AttackConfigError(f"{self.name} cover_pool must be one of {COVER_POOLS}, got {pool!r}")
+        self.cover_pool = pool  # type: ignore[misc]  # instance value shadows the class default
+        if pool != "any":
+            self.params["cover_pool"] = pool
+
     def default_cover_rate(self, rate: float) -> float | None:
         """Cover rate (fraction of the whole set) implied by the poison ``rate`` when the config leaves
         ``cover_rate`` null; ``None`` = no covers. Default: none."""

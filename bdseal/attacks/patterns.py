@@ -10,7 +10,7 @@ pattern exists at 32x32, 64x64 and 224x224 (and in grey for 1-channel data).
 - ``noise``: uniform random pixels drawn from the attack seed (Chen et al.'s random-noise pattern).
 - any other string is read as an image path (PIL, resized bilinearly to the data's size).
 
-``adaptive_patch_triggers`` draws the four Adap-Patch training triggers (see ``triggers/adaptive.py``).
+``adaptive_patch_triggers`` draws the Adap-Patch triggers (see ``triggers/adaptive.py``).
 
 ``hash_uniform`` gives counter-based uniform numbers keyed by (seed, sample index, position): per-sample
 randomness that is batched, device-agnostic and identical for a sample whatever batch it falls in.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,22 @@ def get_pattern(spec: str, channels: int, h: int, w: int, seed: int = 0, device:
     return _pattern_cpu(str(spec), int(channels), int(h), int(w), int(seed)).clone().to(device)
 
 
+def pattern_label(attack_cfg: Any) -> str | None:
+    """What a run's blend image is, for metrics and report rows: ``cartoon`` (the built-in ``kitty``
+    stand-in for the papers' Hello Kitty photo), ``noise``, ``image:<file name>``; ``None`` for attacks
+    without a ``pattern`` image (BadNets' ``pattern`` names a patch style, not an image)."""
+    if attack_cfg is None or str(attack_cfg.get("name")) not in PATTERN_ATTACKS:
+        return None
+    params = attack_cfg.get("params") or {}
+    spec = str(params.get("pattern", "kitty"))
+    if spec == "kitty":
+        return "cartoon"
+    return spec if spec in BUILTIN_PATTERNS else f"image:{Path(spec).name}"
+
+
+PATTERN_ATTACKS = ("blend", "adap_blend")
+
+
 def check_pattern_spec(spec: str) -> None:
     """Fail early on a pattern that is neither built in nor an existing file."""
     if str(spec) not in BUILTIN_PATTERNS and not Path(str(spec)).expanduser().is_file():
@@ -166,50 +183,91 @@ def check_pattern_spec(spec: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Adap-Patch's four training triggers (32x32 reference, nearest-upsampled)
+# Adap-Patch's triggers (32x32 reference, nearest-upsampled)
 # ---------------------------------------------------------------------------------------------
 
-ADAPTIVE_PATCH_NAMES = ("phoenix_like", "firefox_like", "badnet_patch4", "trojan_square")
+ADAPTIVE_PATCH_NAMES = ("phoenix_corner", "firefox_corner", "badnet_patch4", "trojan_square", "phoenix_corner2")
+
+# Rows 1-13 of the firefox_corner_32 mask: (first, last) column of each row (REFERENCE.md: the shape and
+# place of the toolbox's trigger, read from its mask; the logo's pixels are not reproduced).
+_FIREFOX_SPANS = ((23, 27), (19, 29), (19, 29), (19, 30), (18, 30), (18, 30), (18, 30), (18, 30), (18, 30),
+                  (19, 30), (20, 29), (21, 28), (22, 27))
+_FIREFOX_TOP = 1
 
 
-def _reference_adaptive_triggers() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Four (mark (3,32,32), mask (32,32)) corner triggers, each in its own corner:
+def _phoenix_mark() -> torch.Tensor:
+    """(3, 5, 5) pale-blue flame-like mark: white at the centre, light blue at the rim."""
+    yy, xx = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
+    t = (torch.sqrt((yy - 2) ** 2 + (xx - 2) ** 2) / 2.83).clamp(0, 1)
+    white, blue = torch.tensor([0.97, 0.98, 1.0]), torch.tensor([0.55, 0.70, 0.94])
+    return (white[:, None, None] * (1 - t) + blue[:, None, None] * t)
 
-    0 ``phoenix_like``: flame-coloured radial disc (radius 5) at the top-left;
-    1 ``firefox_like``: orange ring around a blue disc (radius 5) at the bottom-right;
-    2 ``badnet_patch4``: 4x4 black/white checkerboard at rows 26-29, cols 2-5 (bottom-left);
-    3 ``trojan_square``: 6x6 hollow magenta-green square outline at rows 1-6, cols 25-30 (top-right).
-    """
+
+def _firefox_mark_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 32, 32) mark and (32, 32) mask: an orange fox ring around a blue globe in the toolbox's shape."""
+    mask = torch.zeros(32, 32)
+    for r, (c0, c1) in enumerate(_FIREFOX_SPANS):
+        mask[_FIREFOX_TOP + r, c0 : c1 + 1] = 1
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    out = []
-    r = torch.sqrt((yy - 5.5) ** 2 + (xx - 5.5) ** 2)
-    mask = (r <= 5.0).float()
-    t = (r / 5.0).clamp(0, 1)
-    mark = torch.stack([torch.ones_like(t), 0.85 - 0.65 * t, 0.25 * (1 - t)]) * mask
-    out.append((mark, mask))
-    r = torch.sqrt((yy - 25.5) ** 2 + (xx - 25.5) ** 2)
-    mask = (r <= 5.0).float()
-    ring = (r > 2.5).float()
-    mark = (torch.tensor([1.0, 0.55, 0.05])[:, None, None] * ring + torch.tensor([0.15, 0.3, 0.85])[:, None, None] * (1 - ring)) * mask
-    out.append((mark, mask))
+    r = torch.sqrt((yy - 7.0) ** 2 + (xx - 24.0) ** 2)
+    globe = (r <= 3.5).float()
+    ring = torch.stack([torch.full_like(r, 0.95), 0.35 + 0.04 * (r - 3.5).clamp(0, 5), torch.full_like(r, 0.12)])
+    blue = torch.tensor([0.25, 0.35, 0.75])[:, None, None]
+    mark = (ring * (1 - globe) + blue * globe) * mask
+    return mark, mask
+
+
+def _corners_mask(size: int = 3) -> torch.Tensor:
+    m = torch.zeros(32, 32)
+    for r0 in (0, 32 - size):
+        for c0 in (0, 32 - size):
+            m[r0 : r0 + size, c0 : c0 + size] = 1
+    return m
+
+
+def _reference_adaptive_triggers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(mark (3,32,32), mask (32,32)) of each Adap-Patch trigger at the backdoor-toolbox's place and shape
+    (REFERENCE.md "Adap-Patch" [V]); the marks are our own drawings except the binary BadNet pattern:
+
+    - ``phoenix_corner``: 5x5 square at the bottom-right (rows/cols 27-31), pale-blue flame mark;
+    - ``phoenix_corner2`` (test): the same 5x5 mark at the bottom-right and, unflipped, the bottom-left;
+    - ``firefox_corner``: the toolbox's 140-pixel round logo shape at rows 1-13, cols 18-30 (top-right);
+    - ``badnet_patch4``: the 3x3 pattern [[0,0,1],[0,1,0],[1,0,1]] (bottom-right copy) in all four
+      corners, the other copies mirrored about both axes (``four_corner_trigger(mirror="both")``);
+    - ``trojan_square``: 8x8 square at rows/cols 21-28 filled with fixed random colours (seeded).
+    """
+    from bdseal.attacks.triggers.label_consistent import four_corner_trigger
+
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     mask = torch.zeros(32, 32)
-    mask[26:30, 2:6] = 1
-    board = ((yy.long() + xx.long()) % 2 == 0).float()
-    out.append((board.expand(3, -1, -1) * mask, mask))
+    mark = torch.zeros(3, 32, 32)
+    mask[27:32, 27:32] = 1
+    mark[:, 27:32, 27:32] = _phoenix_mark()
+    out["phoenix_corner"] = (mark, mask)
+    mark2, mask2 = mark.clone(), mask.clone()
+    mask2[27:32, 0:5] = 1
+    mark2[:, 27:32, 0:5] = _phoenix_mark()
+    out["phoenix_corner2"] = (mark2, mask2)
+    out["firefox_corner"] = _firefox_mark_and_mask()
+    m4, p4 = four_corner_trigger((3, 32, 32), 3, mirror="both")
+    out["badnet_patch4"] = (p4, m4[0])
     mask = torch.zeros(32, 32)
-    mask[1:7, 25:31] = 1
-    mask[2:6, 26:30] = 0
-    colour = torch.where(((yy + xx).long() % 2 == 0), 1.0, 0.0)
-    mark = torch.stack([colour, 1 - colour, colour]) * mask
-    out.append((mark, mask))
+    mark = torch.zeros(3, 32, 32)
+    mask[21:29, 21:29] = 1
+    mark[:, 21:29, 21:29] = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(20230501))
+    out["trojan_square"] = (mark, mask)
     return out
 
 
-def adaptive_patch_triggers(channels: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(4, C, h, w) marks and (4, 1, h, w) masks of the Adap-Patch triggers at the data's size."""
+def adaptive_patch_triggers(channels: int, h: int, w: int, names: tuple[str, ...] = ADAPTIVE_PATCH_NAMES[:4]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, C, h, w) marks and (k, 1, h, w) masks of the named Adap-Patch triggers at the data's size."""
     ref = _reference_adaptive_triggers()
-    marks = torch.stack([to_channels(m, channels) for m, _ in ref])
-    masks = torch.stack([k[None] for _, k in ref])
+    unknown = [n for n in names if n not in ref]
+    if unknown:
+        raise AttackConfigError(f"unknown adap_patch trigger(s) {unknown}; choose from {ADAPTIVE_PATCH_NAMES}")
+    marks = torch.stack([to_channels(ref[n][0], channels) for n in names])
+    masks = torch.stack([ref[n][1][None] for n in names])
     marks = F.interpolate(marks, size=(h, w), mode="nearest")
     masks = F.interpolate(masks, size=(h, w), mode="nearest")
     return marks, masks

@@ -226,13 +226,22 @@ def _labels(rows: Sequence[Row]) -> list[str]:
     labels = []
     for r, st, dst in zip(rows, full, data):
         if (r.dataset, r.attack) not in split:
-            labels.append(r.attack)
+            labels.append(r.attack + _pattern_suffix(r))
             continue
         tag = _scale_tag(r)
         suffix = f" {dst[:6]}" if len(data_per_tag[(r.dataset, r.attack, tag)]) > 1 else ""
         suffix += f" {st[:6]}" if len(full_per_tag[(r.dataset, r.attack, r.defense, tag, dst)]) > 1 else ""
-        labels.append(f"{r.attack} [{tag}{suffix}]")
+        labels.append(f"{r.attack}{_pattern_suffix(r)} [{tag}{suffix}]")
     return labels
+
+
+def _pattern_suffix(row: Row) -> str:
+    """`` (cartoon)`` for Blend/Adap-Blend rows made with the built-in cartoon instead of the papers' photo
+    (``metrics['attack_pattern']``, or the run's attack config for rows stored before that key existed)."""
+    from bdseal.attacks.patterns import pattern_label
+
+    label = row.metrics.get("attack_pattern") or pattern_label(row.config.get("attack"))
+    return " (cartoon)" if label == "cartoon" else ""
 
 
 def aggregate(rows: Sequence[Row]) -> dict[tuple[str, str, str], dict[str, Stat]]:

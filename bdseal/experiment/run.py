@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from bdseal import metrics as M
 from bdseal.attacks import AttackContext, Oracle, PoisonedSet, build_attack, poison_dataset
 from bdseal.attacks.base import resolve_cover_rate
+from bdseal.attacks.patterns import pattern_label
 from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
@@ -304,6 +305,8 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
         "n_train": len(ps.train), "n_poison": int(ps.oracle.is_poison.sum()), "n_cover": int(ps.oracle.is_cover.sum()),
         **evaluate(result.model, ps, device),
     }
+    if (pattern := pattern_label(cfg.attack)) is not None:
+        metrics["attack_pattern"] = pattern  # "cartoon" = the built-in stand-in for the papers' blend photo
     if baseline_model is not None:
         metrics["baseline"] = evaluate(baseline_model, ps, device)
         b = metrics["baseline"]

@@ -81,10 +81,15 @@ def test_adap_patch_train_alphas_and_full_strength_test():
     out = atk.apply(x, phase="train", index=torch.arange(4))  # unfitted: trigger = index % 4
     for t, a in enumerate((0.5, 0.2, 0.5, 0.3)):
         assert torch.allclose(out[t], x[t] + a * masks[t] * (marks[t] - x[t]), atol=1e-6)
+    tmarks, tmasks = adaptive_patch_triggers(3, 32, 32, ("phoenix_corner2", "badnet_patch4"))
     test = atk.apply(x, phase="test")
-    union = masks.amax(0).bool()[0]
-    assert torch.allclose(test[:, :, union], marks.sum(0)[:, union].expand(4, -1, -1), atol=1e-6)  # alpha 1 => marks
+    union = tmasks.amax(0).bool()[0]
+    assert int(union.sum()) == 50 + 36 - 18  # two 5x5 bottom corners + four 3x3 corners (the bottom two inside them)
     assert torch.equal(test[:, :, ~union], x[:, :, ~union])
+    bn = tmasks[1, 0].bool()  # badnet_patch4 applied last at alpha 1: its pixels win
+    assert torch.allclose(test[:, :, bn], tmarks[1][:, bn].expand(4, -1, -1), atol=1e-6)
+    ph = tmasks[0, 0].bool() & ~bn
+    assert torch.allclose(test[:, :, ph], tmarks[0][:, ph].expand(4, -1, -1), atol=1e-6)
 
 
 @pytest.mark.parametrize("size,c", [(64, 3), (224, 3), (32, 1)])
@@ -98,8 +103,9 @@ def test_adaptive_any_size_and_channels(size, c):
 
 @pytest.mark.parametrize("name,kw,msg", [
     ("adap_blend", {"pieces": 15}, "square number"), ("adap_blend", {"masked_pieces": 16}, "masked_pieces"),
-    ("adap_blend", {"alpha": 1.5}, "alpha must be in"), ("adap_patch", {"train_alphas": [0.5, 0.5]}, "4 triggers"),
-    ("adap_patch", {"test_triggers": [4]}, "test_triggers"), ("adap_patch", {"test_triggers": [0], "test_alphas": [1, 1]}, "one value per"),
+    ("adap_blend", {"alpha": 1.5}, "alpha must be in"), ("adap_patch", {"train_alphas": [0.5, 0.5]}, "one train alpha per"),
+    ("adap_patch", {"test_triggers": ["logo"]}, "unknown adap_patch trigger"),
+    ("adap_patch", {"test_triggers": ["badnet_patch4"], "test_alphas": [1, 1]}, "one value per"),
 ])
 def test_bad_options(name, kw, msg):
     with pytest.raises(AttackConfigError, match=msg):

@@ -80,3 +80,20 @@ def test_all_to_all_maps_labels():
     p = ps.oracle.is_poison
     assert torch.equal(ps.train.y[p], (train.y[p] + 1) % 4)
     assert torch.equal(ps.test_triggered.y, (ps.test_triggered_true + 1) % 4)
+
+
+def test_runs_made_with_the_cartoon_are_labelled():
+    """metrics['attack_pattern'] names the blend image; report rows made with the built-in cartoon say so."""
+    from bdseal.attacks.patterns import pattern_label
+    from bdseal.experiment.report import _labels
+    from bdseal.experiment.store import Row
+
+    assert pattern_label({"name": "blend", "params": {"pattern": "kitty"}}) == "cartoon"
+    assert pattern_label({"name": "adap_blend", "params": {"pattern": "/data/hello_kitty.png"}}) == "image:hello_kitty.png"
+    assert pattern_label({"name": "badnets", "params": {"pattern": "white"}}) is None
+
+    def row(attack, pattern):
+        cfg = {"attack": {"name": attack, "params": {"pattern": pattern}}, "dataset": {"name": "cifar10"}}
+        return Row(attack + pattern, "cifar10", "small_half", attack, "none", 0, cfg, {"clean_acc": 0.9, "asr": 0.9})
+
+    assert _labels([row("blend", "kitty"), row("adap_blend", "/x/hk.png")]) == ["blend (cartoon)", "adap_blend"]

@@ -37,9 +37,14 @@ ADAPTIVE = {
     # of GSSD's 1% (48 poisons already give ASR ≈ 0.04 on CIFAR-10 at CPU scale); digits at 16x16 to keep
     # it fast. Measured: clean_acc 0.972, ASR 0.975.
     "adap_blend": ["attack=adap_blend", "+dataset.options.image_size=16", "attack.rate=0.05", "attack.cover_rate=0.05"],
-    # Adap-Patch (one of four corner patches at α .5/.2/.5/.3 per poisoned/cover sample, all four at full
-    # strength at test), 10% poison + 10% cover (5% + 5%: ASR 0.32). Measured: clean_acc 0.961, ASR 0.923.
-    "adap_patch": ["attack=adap_patch", "attack.rate=0.1", "attack.cover_rate=0.1"],
+    # Adap-Patch (one of the toolbox's four patches at α .5/.2/.5/.3 per poisoned/cover sample), 10% poison
+    # + 10% cover, with all four training patches at full strength at test and no crop+flip (crops move
+    # the small corner patches off the upscaled digits). Measured: clean_acc 0.983, ASR 0.854; with
+    # crop+flip 0.54; the toolbox's CIFAR-10 test triggers (phoenix_corner2 + badnet_patch4, the default)
+    # with crop+flip: 0.08.
+    "adap_patch": ["attack=adap_patch", "attack.rate=0.1", "attack.cover_rate=0.1",
+                   "attack.params.test_triggers=[phoenix_corner,firefox_corner,badnet_patch4,trojan_square]",
+                   "attack.params.test_alphas=[1,1,1,1]", "train.augment=none"],
 }
 
 
@@ -92,6 +97,10 @@ def test_clean_label_family_is_learned(tmp_path, attack):
 @pytest.mark.slow
 def test_sample_specific_family_is_learned(tmp_path):
     """ISSBA: per-image invisible residuals from the steganographic encoder the tool trains itself
-    (default rate 10%, all-to-one); 100 encoder steps instead of the default CPU budget of 300 to keep the
-    test shorter. Measured: clean_acc 0.972, ASR 1.000 (300 steps: 0.978 / 1.000)."""
-    _learned(tmp_path, ["attack=issba", "attack.params.steps=100"], min_asr=0.7)
+    (default rate 10%, all-to-one), in the CPU variant whose encoder learns a detectable residual in 100
+    steps (``secret_mode: fixed``, Adam 1e-3, residual capped at 0.1): the reference's random-secret
+    training at Adam 1e-4 does not converge at a CPU budget. Measured with this variant: clean_acc 0.972,
+    ASR 1.000."""
+    _learned(tmp_path, ["attack=issba", "attack.params.steps=100", "attack.params.secret_mode=fixed",
+                        "attack.params.lr=0.001", "attack.params.max_residual=0.1", "attack.params.grad_weight=1.0",
+                        "attack.params.secret_weight=1.0"], min_asr=0.7)

@@ -5,7 +5,7 @@ from bdseal.attacks import AttackConfigError, AttackContext, build_and_poison, b
 from bdseal.cache import ArtifactCache
 from bdseal.data import load_dataset, stratified_subsample
 
-TINY = {"width": 4, "steps": 100, "batch_size": 16}
+TINY = {"width": 4, "steps": 100, "batch_size": 16, "secret_mode": "fixed", "max_residual": 0.1, "lr": 1e-3}  # CPU variant
 
 
 @pytest.fixture(scope="module")

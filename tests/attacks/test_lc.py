@@ -23,8 +23,11 @@ def test_four_corner_pattern_is_mirrored_and_scaled():
     mask, pat = four_corner_trigger((3, 32, 32))
     br = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
     assert int(mask.sum()) == 36 and torch.equal(pat[0, 29:, 29:], br)
-    assert torch.equal(pat[1, :3, :3], br.flip(0).flip(1)) and torch.equal(pat[2, :3, 29:], br.flip(0))
+    # left copies mirrored left-right, top copies equal to the bottom ones (REFERENCE.md "LC")
+    assert torch.equal(pat[1, :3, :3], br.flip(1)) and torch.equal(pat[2, :3, 29:], br)
     assert torch.equal(pat[0, 29:, :3], br.flip(1))
+    _, both = four_corner_trigger((3, 32, 32), mirror="both")  # the toolbox's badnet_patch4 variant
+    assert torch.equal(both[0, :3, :3], br.flip(0).flip(1)) and torch.equal(both[0, :3, 29:], br.flip(0))
     mask64, pat64 = four_corner_trigger((3, 64, 64))
     assert int(mask64.sum()) == 4 * 36 and torch.equal(pat64[0, 58:, 58:], br.repeat_interleave(2, 0).repeat_interleave(2, 1))
 

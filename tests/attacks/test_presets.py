@@ -10,20 +10,21 @@ from bdseal.experiment.run import plain
 
 # preset: (attack, rate, target, mode, effective cover rate (explicit or the attack's default), rate_of, params subset)
 TABLE = {
-    "gssd/badnets": ("badnets", 0.1, 0, "all_to_one", 0.0, "dataset", {"size": 2, "pattern": "random", "position": [4, 4]}),
+    "gssd/badnets": ("badnets", 0.1, 0, "all_to_one", 0.0, "dataset", {"size": 2, "pattern": "colors", "position": [4, 4]}),
     "gssd/blend": ("blend", 0.1, 0, "all_to_one", 0.0, "dataset", {"alpha": 0.1, "test_alpha": 0.1}),
     "gssd/wanet": ("wanet", 0.1, 0, "all_to_one", 0.0, "dataset", {"k": 4, "s": 0.5, "noise": False}),
     "gssd/adap_blend": ("adap_blend", 0.01, 0, "all_to_one", 0.01, "dataset", {"alpha": 0.15, "test_alpha": 0.2, "pieces": 16, "masked_pieces": 8}),
-    "gssd/adap_patch": ("adap_patch", 0.01, 0, "all_to_one", 0.01, "dataset", {"train_alphas": [0.5, 0.2, 0.5, 0.3]}),
+    "gssd/adap_patch": ("adap_patch", 0.01, 0, "all_to_one", 0.01, "dataset", {"train_alphas": [0.5, 0.2, 0.5, 0.3],
+                        "test_triggers": ["phoenix_corner2", "badnet_patch4"], "test_alphas": [1.0, 1.0]}),
     "pgbd/badnets": ("badnets", 0.01, 0, "all_to_one", 0.0, "dataset", {"size": 3, "pattern": "white", "position": "bottom_right"}),
     "pgbd/blend": ("blend", 0.01, 0, "all_to_one", 0.0, "dataset", {"alpha": 0.2, "test_alpha": 0.2}),
     "pgbd/wanet": ("wanet", 0.01, 0, "all_to_one", 0.02, "dataset", {"k": 4, "s": 0.5, "noise": True}),
     "pgbd/sig": ("sig", 0.01, 0, "clean_label", 0.0, "dataset", {"delta": 40, "freq": 6}),
     "pgrl/badnets": ("badnets", 0.05, 2, "all_to_one", 0.0, "dataset", {"size": 6, "cell": 2, "pattern": "checkerboard", "position": [22, 22]}),
-    "pgrl/wanet": ("wanet", 0.05, 2, "all_to_one", 0.05, "dataset", {"k": 4, "s": 0.5, "noise": True}),
+    "pgrl/wanet": ("wanet", 0.05, 2, "all_to_one", 0.05, "dataset", {"k": 4, "s": 0.5, "noise": True, "cover_pool": "source"}),
     "pgrl/sig": ("sig", 0.05, 2, "clean_label", 0.0, "dataset", {"delta": 20, "freq": 6}),
     "pgrl/freq": ("freq", 0.05, 0, "clean_label", 0.0, "dataset", {"magnitude": 500, "window": 32, "positions": [[15, 15], [31, 31]], "channels": [1, 2]}),
-    "pgrl/adap_blend": ("adap_blend", 0.05, 2, "all_to_one", 0.05, "dataset", {"alpha": 0.2, "test_alpha": 0.2}),
+    "pgrl/adap_blend": ("adap_blend", 0.05, 2, "all_to_one", 0.05, "dataset", {"alpha": 0.2, "test_alpha": 0.2, "cover_pool": "source"}),
 }
 
 

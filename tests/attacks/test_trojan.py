@@ -7,7 +7,7 @@ from bdseal.data.sources import load_synthetic
 from tests.attacks._fast import CTX, E2E, TINY
 from tests.helpers import run_cell
 
-FIT = {**TINY, "opt_steps": 30, "opt_images": 32}
+FIT = {**TINY, "opt_steps": 30}
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,16 @@ def poisoned(data):
 
 
 def test_apple_mask_shape_and_placement():
-    m = apple_mask(10)
-    assert m.shape == (10, 10) and 30 <= int(m.sum()) <= 80  # a filled logo, not a square
-    assert m[:, 9].sum() == 0 and m[9].sum() == 0  # inside its box
+    m = apple_mask(14, 12)
+    assert m.shape == (14, 12) and 60 <= int(m.sum()) <= 140  # a filled logo, not the full box (168)
+    assert m[0].any() and m[-1].any() and m[:, 0].any() and m[:, -1].any()  # fills its box
     atk = build_attack("trojan")
     full = atk.mask((3, 32, 32))[0]
-    assert torch.equal(full[21:31, 21:31], m) and full.sum() == m.sum()  # lower right, 1 px margin
+    rows, cols = torch.nonzero(full, as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (16, 29, 17, 28)  # BackdoorBench's apple box
+    assert torch.equal(full[16:30, 17:29], m) and full.sum() == m.sum()
     big = atk.mask((3, 64, 64))[0]
-    assert torch.equal(big[42:62, 42:62], m.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert torch.equal(big[32:60, 34:58], m.repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
 def test_neurons_with_largest_outgoing_weights():
@@ -38,15 +40,15 @@ def test_neurons_with_largest_outgoing_weights():
     assert select_neurons(head, 2).tolist() == [1, 4]
 
 
-def test_trigger_stamped_exactly_inside_mask(poisoned, data):
+def test_trigger_added_with_clipping_inside_mask(poisoned, data):
     ps = poisoned
     p = ps.oracle.is_poison
     assert int(p.sum()) == 16 and (ps.train.y[p] == 1).all() and (ps.oracle.true_labels[p] != 1).all()
     assert torch.equal(ps.train.x[~p], data.train.x[~p])
-    outside = build_attack("trojan").mask((3, 16, 16))[0] == 0
+    outside = build_attack("trojan", **FIT).mask((3, 16, 16))[0] == 0
     assert torch.equal(ps.train.x[p][:, :, outside], data.train.x[p][:, :, outside])
-    inside = ps.train.x[p][:, :, ~outside]
-    assert (inside == inside[:1]).all()  # same trigger pixels on every poisoned image
+    gain = ps.train.x[p][:, :, ~outside].long() - data.train.x[p][:, :, ~outside].long()
+    assert (gain >= 0).all() and gain.float().mean() > 20  # additive: pixels only brighten (clipped at 255)
     assert len(ps.test_triggered) == 30 and (ps.test_triggered.y == 1).all()
 
 
@@ -65,15 +67,35 @@ class _Probe(torch.nn.Module):
         return self.conv(x).amax(dim=(2, 3))
 
 
-def test_optimised_trigger_drives_the_selected_neurons_inside_the_mask():
-    x = torch.rand(8, 3, 16, 16) * 0.1
-    mask = build_attack("trojan").mask((3, 16, 16))
-    probe = _Probe()
-    trig = optimise_trigger(probe, x, mask, torch.tensor([0, 2]), torch.zeros(3, 16, 16), value=6.0, steps=150, lr=0.1)
-    assert trig.min() >= 0 and trig.max() <= 1 and (trig[:, mask[0] == 0] == 0).all()
-    f = probe.features(x * (1 - mask) + trig)
-    assert (f[:, [0, 2]] - 6.0).abs().max() < 0.5  # driven to the goal value
-    assert f[:, [0, 2]].min() > probe.features(x)[:, [0, 2]].max() + 4
+class _MeanProbe(torch.nn.Module):
+    """features = 100 × per-channel mean: every pixel of channel j pulls unit j alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def features(self, x):
+        return 100 * x.mean(dim=(2, 3)) + self.dummy
+
+
+def test_signed_steps_on_blank_input_drive_the_selected_neurons():
+    """BackdoorBench's recipe: start at the white mask, signed steps of 0.1 kept within 0.3 of it: the
+    trigger is m·x with pixels in [0.7, 1] inside the mask, and the selected units move toward the goal."""
+    mask = build_attack("trojan").mask((3, 32, 32))
+    probe = _MeanProbe()
+    neurons = torch.tensor([0, 2])
+    trig = optimise_trigger(probe, mask, neurons, 3, value=6.0, steps=20, alpha=0.1, eps=0.3)
+    inside = mask[0] > 0
+    assert (trig[:, ~inside] == 0).all()
+    assert trig[:, inside].min() >= 0.7 - 1e-6 and trig[:, inside].max() <= 1.0
+    assert ((trig[:, inside] * 10).round() - trig[:, inside] * 10).abs().max() < 1e-4  # multiples of the 0.1 step
+    # channel 1 is not selected: no gradient, it stays white; channels 0 and 2 fall to the ε bound 0.7 (f_j ≈ 10.5·x > 6)
+    assert torch.allclose(trig[1, inside], torch.ones(int(inside.sum())))
+    assert torch.allclose(trig[[0, 2]][:, inside], torch.full((2, int(inside.sum())), 0.7), atol=1e-6)
+    x = torch.rand(2, 3, 32, 32)
+    atk = build_attack("trojan")
+    atk.trigger = trig
+    assert torch.allclose(atk.apply(x, phase="test"), (x + trig).clamp(0, 1))  # additive, clipped
 
 
 def test_determinism_by_seed(poisoned, data):
@@ -83,13 +105,15 @@ def test_determinism_by_seed(poisoned, data):
 
 def test_bad_options():
     with pytest.raises(AttackConfigError, match="does not fit"):
-        build_attack("trojan").check_image((3, 8, 8))
-    with pytest.raises(AttackConfigError, match="size"):
-        build_attack("trojan", size=3)
+        build_attack("trojan").check_image((3, 6, 6))
+    with pytest.raises(AttackConfigError, match="does not fit"):
+        build_attack("trojan", box=[20, 17, 14, 12]).check_image((3, 32, 32))
+    with pytest.raises(AttackConfigError, match="box"):
+        build_attack("trojan", box=[16, 17, 3, 12])
     with pytest.raises(RuntimeError, match="fit"):
         build_attack("trojan").apply(torch.zeros(1, 3, 32, 32), phase="test")
 
 
 def test_end_to_end_backdoor_is_learned(tmp_path):
-    m, _ = run_cell(tmp_path, ["attack=trojan", *E2E, "attack.params.opt_steps=30", "attack.params.opt_images=32"])
+    m, _ = run_cell(tmp_path, ["attack=trojan", *E2E, "attack.params.opt_steps=30", "attack.rate=0.2"])
     assert m["clean_acc"] > 0.6 and m["asr"] > 0.8

@@ -16,14 +16,18 @@ reproducible bit for bit. PGRL preset: α = 0.2 at train and test, covers = pois
 pattern is our Hello-Kitty-like ``kitty`` (the toolbox blends ``hellokitty_32.png``) or a user image.
 For sizes not divisible by the grid, cell boundaries are ⌊r·g/H⌋ (every pixel belongs to a cell).
 
-Adap-Patch (toolbox config for CIFAR-10): four patch triggers blended with α = 0.5 / 0.2 / 0.5 / 0.3
-at training time, each poisoned (and each cover) sample carrying exactly one of them — the toolbox
-gives each trigger a quarter of the poison list and a quarter of the cover list, in index order, and
-so do we (``fit`` sees the plan). At test time the triggers are combined at full strength (α = 1;
-``test_triggers`` picks which, default all four — the toolbox's CIFAR-10 test uses two of its
-images, one a moved variant, at α = 1). The toolbox's PNG logos (phoenix, firefox, BadNet patch,
-Trojan square) are replaced by four procedurally drawn corner triggers
-(``bdseal.attacks.patterns.adaptive_patch_triggers``), upsampled by nearest neighbour with the image.
+Adap-Patch (toolbox ``adaptive_patch.py`` and its CIFAR-10 config, REFERENCE.md [V]): four patch
+triggers blended with α = 0.5 / 0.2 / 0.5 / 0.3 at training time, x' = x + α·m·(mark − x), each
+poisoned (and each cover) sample carrying exactly one of them — the toolbox gives each trigger a
+quarter of the poison list and a quarter of the cover list, in index order, and so do we (``fit`` sees
+the plan). The triggers sit where the toolbox's do, with the toolbox's mask shapes: ``phoenix_corner``
+5×5 at the bottom-right, ``firefox_corner`` (a round logo, rows 1–13, cols 18–30) at the top-right,
+``badnet_patch4`` 3×3 in all four corners, ``trojan_square`` 8×8 at rows/cols 21–28. At test time on
+CIFAR-10 the toolbox applies **two** triggers at full strength: ``phoenix_corner2`` (the 5×5 mark at the
+bottom-right and bottom-left) and ``badnet_patch4``. The BadNet pattern is the toolbox's binary pattern;
+the phoenix, firefox and Trojan-square marks are our own drawings in those masks (the toolbox's logo
+PNGs are not shipped) — ``bdseal.attacks.patterns.adaptive_patch_triggers``, nearest-upsampled with
+the image.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from bdseal.attacks.base import Attack, AttackContext, register_attack
-from bdseal.attacks.patterns import adaptive_patch_triggers, check_pattern_spec, hash_uniform
+from bdseal.attacks.patterns import ADAPTIVE_PATCH_NAMES, adaptive_patch_triggers, check_pattern_spec, hash_uniform
 from bdseal.attacks.plan import AttackConfigError, PoisonPlan
 from bdseal.attacks.triggers.blend import PatternMixin, check_alpha
 from bdseal.data.dataset import ImageDataset
@@ -55,15 +59,17 @@ def _check_index(name: str, index: torch.Tensor | None) -> torch.Tensor:
 @register_attack
 class AdaptiveBlend(PatternMixin, Attack):
     """Partitioned blend trigger: ``alpha`` (train, 0.15), ``test_alpha`` (0.2), ``pieces`` (16, a
-    square number), ``masked_pieces`` (8), ``pattern`` (``kitty`` | ``noise`` | image path)."""
+    square number), ``masked_pieces`` (8), ``pattern`` (``kitty`` | ``noise`` | image path),
+    ``cover_pool`` (``any``; PGRL: ``source`` = non-target classes)."""
 
     name = "adap_blend"
 
     def __init__(
         self, seed: int = 0, alpha: float = 0.15, test_alpha: float = 0.2, pieces: int = 16, masked_pieces: int = 8,
-        pattern: str = "kitty",
+        pattern: str = "kitty", cover_pool: str = "any",
     ) -> None:
         super().__init__(seed, alpha=alpha, test_alpha=test_alpha, pieces=pieces, masked_pieces=masked_pieces, pattern=pattern)
+        self.set_cover_pool(cover_pool)
         self.alpha = check_alpha("adap_blend alpha", alpha)
         self.test_alpha = check_alpha("adap_blend test_alpha", test_alpha)
         grid = round(int(pieces) ** 0.5)
@@ -104,34 +110,43 @@ class AdaptiveBlend(PatternMixin, Attack):
 
 @register_attack
 class AdaptivePatch(Attack):
-    """k = 4 patch triggers: ``train_alphas`` ([.5, .2, .5, .3]), ``test_triggers`` (indices combined
-    at test, default all), ``test_alphas`` (default 1 each)."""
+    """Patch triggers of the backdoor-toolbox: ``train_triggers`` (names, default the toolbox's four for
+    CIFAR-10) blended with ``train_alphas`` ([.5, .2, .5, .3]); ``test_triggers`` (default
+    ``[phoenix_corner2, badnet_patch4]``, the toolbox's CIFAR-10 test set) with ``test_alphas`` (1 each)."""
 
     name = "adap_patch"
 
     def __init__(
-        self, seed: int = 0, train_alphas: Sequence[float] = (0.5, 0.2, 0.5, 0.3),
-        test_triggers: Sequence[int] | None = None, test_alphas: Sequence[float] | None = None,
+        self, seed: int = 0, train_triggers: Sequence[str] = ADAPTIVE_PATCH_NAMES[:4],
+        train_alphas: Sequence[float] = (0.5, 0.2, 0.5, 0.3),
+        test_triggers: Sequence[str] | None = None, test_alphas: Sequence[float] | None = None,
     ) -> None:
+        train_triggers = [_trigger_name(t) for t in train_triggers]
         train_alphas = [check_alpha("adap_patch train alpha", a) for a in train_alphas]
-        if len(train_alphas) != 4:
-            raise AttackConfigError(f"adap_patch has 4 triggers; train_alphas has {len(train_alphas)} values")
-        test_triggers = list(range(4)) if test_triggers is None else [int(t) for t in test_triggers]
-        if not test_triggers or any(not 0 <= t < 4 for t in test_triggers):
-            raise AttackConfigError(f"adap_patch test_triggers must be indices in [0, 4), got {test_triggers}")
+        if not train_triggers or len(train_alphas) != len(train_triggers):
+            raise AttackConfigError(
+                f"adap_patch needs one train alpha per train trigger: {len(train_triggers)} triggers, "
+                f"{len(train_alphas)} train_alphas")
+        test_triggers = list(DEFAULT_TEST_TRIGGERS) if test_triggers is None else [_trigger_name(t) for t in test_triggers]
+        if not test_triggers:
+            raise AttackConfigError("adap_patch test_triggers must name at least one trigger")
         test_alphas = [1.0] * len(test_triggers) if test_alphas is None else [check_alpha("adap_patch test alpha", a) for a in test_alphas]
         if len(test_alphas) != len(test_triggers):
             raise AttackConfigError("adap_patch test_alphas must have one value per test trigger")
-        super().__init__(seed, train_alphas=train_alphas, test_triggers=test_triggers, test_alphas=test_alphas)
-        self.train_alphas, self.test_triggers, self.test_alphas = train_alphas, test_triggers, test_alphas
+        super().__init__(seed, train_triggers=train_triggers, train_alphas=train_alphas, test_triggers=test_triggers,
+                         test_alphas=test_alphas)
+        self.train_triggers, self.train_alphas = train_triggers, train_alphas
+        self.test_triggers, self.test_alphas = test_triggers, test_alphas
+        self.k = len(train_triggers)
         self.assignment: torch.Tensor | None = None  # (N,) trigger id per training index, -1 = none
         self._cache: dict = {}
 
-    def triggers(self, shape: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(shape), str(device))
+    def triggers(self, names: Sequence[str], shape: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, C, H, W) marks and (k, 1, H, W) masks of the named triggers, cached per shape and device."""
+        key = (tuple(names), tuple(shape), str(device))
         if key not in self._cache:
             c, h, w = shape
-            marks, masks = adaptive_patch_triggers(c, h, w)
+            marks, masks = adaptive_patch_triggers(c, h, w, tuple(names))
             self._cache[key] = (marks.to(device), masks.to(device))
         return self._cache[key]
 
@@ -141,28 +156,39 @@ class AdaptivePatch(Attack):
             raise AttackConfigError(f"adap_patch corner triggers need images of at least 16x16 pixels, got {h}x{w}")
 
     def fit(self, train: ImageDataset, plan: PoisonPlan, ctx: AttackContext) -> None:
-        """Toolbox assignment: the j-th quarter of the (sorted) poison list gets trigger j, and
-        likewise for the cover list."""
+        """Toolbox assignment: the j-th of k equal parts of the (sorted) poison list gets trigger j
+        (position i -> ⌊i·k/n⌋), and likewise for the cover list."""
         a = torch.full((len(train),), -1, dtype=torch.long)
         for idx in (plan.poison_idx, plan.cover_idx):
             idx = idx.sort().values.cpu()
-            a[idx] = torch.arange(len(idx)) * 4 // max(len(idx), 1)
+            a[idx] = torch.arange(len(idx)) * self.k // max(len(idx), 1)
         self.assignment = a
 
     def trigger_ids(self, index: torch.Tensor) -> torch.Tensor:
-        """Trigger id per training index (the fitted assignment; ``index % 4`` before ``fit``)."""
+        """Trigger id per training index (the fitted assignment; ``index % k`` before ``fit``)."""
         if self.assignment is None:
-            return index % 4
+            return index % self.k
         ids = self.assignment.to(index.device)[index]
-        return torch.where(ids >= 0, ids, index % 4)
+        return torch.where(ids >= 0, ids, index % self.k)
 
     def apply(self, x: torch.Tensor, *, phase: str, index: torch.Tensor | None = None) -> torch.Tensor:
-        marks, masks = self.triggers(tuple(x.shape[1:]), x.device)
-        marks, masks = marks.to(x.dtype), masks.to(x.dtype)
+        """Train: x + α_j·m_j·(mark_j − x) with the sample's trigger j; test: the test triggers applied
+        one after the other (toolbox order)."""
         if phase == "test":
-            for t, a in zip(self.test_triggers, self.test_alphas):
-                x = x + a * masks[t] * (marks[t] - x)
+            marks, masks = self.triggers(self.test_triggers, tuple(x.shape[1:]), x.device)
+            for t, a in enumerate(self.test_alphas):
+                x = x + a * masks[t].to(x.dtype) * (marks[t].to(x.dtype) - x)
             return x
+        marks, masks = self.triggers(self.train_triggers, tuple(x.shape[1:]), x.device)
         ids = self.trigger_ids(_check_index(self.name, index).to(x.device))
         alphas = torch.tensor(self.train_alphas, dtype=x.dtype, device=x.device)[ids].view(-1, 1, 1, 1)
-        return x + alphas * masks[ids] * (marks[ids] - x)
+        return x + alphas * masks[ids].to(x.dtype) * (marks[ids].to(x.dtype) - x)
+
+
+DEFAULT_TEST_TRIGGERS = ("phoenix_corner2", "badnet_patch4")
+
+
+def _trigger_name(t: object) -> str:
+    if not isinstance(t, str) or t not in ADAPTIVE_PATCH_NAMES:
+        raise AttackConfigError(f"unknown adap_patch trigger {t!r}; choose from {list(ADAPTIVE_PATCH_NAMES)}")
+    return t

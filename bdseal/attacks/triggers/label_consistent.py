@@ -10,10 +10,12 @@ Recipe (REFERENCE.md "LC" row, GSSD/VIBE's setting, which follows Turner et al.)
 2. Each poisoned image is made hard to classify by untargeted L∞ PGD against the surrogate that
    *maximises* the loss of its true label: ε = 16/255, step 1.5/255, 30 steps, projected onto the
    ε-ball and [0, 1]. No random start (chosen: Turner et al. start PGD from the image itself).
-3. A 3×3 pattern is stamped in all four corners, mirrored so the four copies are symmetric about the
-   image centre (Turner et al.'s four-corner trigger; bottom-right copy [[0,0,1],[0,1,0],[1,0,1]]).
-   The pattern is scaled with the image by nearest upsampling; ``amplitude`` < 1 gives Turner's
-   reduced-visibility variant (pixels move toward the pattern by that fraction).
+3. A 3×3 pattern is put in all four corners (Turner et al.'s four-corner trigger; bottom-right copy
+   [[0,0,1],[0,1,0],[1,0,1]]); the left copies are the right ones mirrored **left–right only**, the top
+   copies equal the bottom ones (REFERENCE.md "LC" [V]). The pattern is scaled with the image by
+   nearest upsampling. Inside the corner patches x' = clip(x + amplitude·(2p − 1)): pattern pixels
+   p = 1 get +amplitude (·255 on the uint8 scale), p = 0 get −amplitude, as BackdoorBench's reduced-
+   amplitude variant does; ``amplitude`` = 1 (default) is the plain stamp x' = p.
 
 At test time (ASR) only the four-corner pattern is applied, at full strength. Because ε·255 is an
 integer and clean images are uint8, rounding the PGD images to uint8 keeps ‖δ‖∞ ≤ ε exactly.
@@ -36,10 +38,15 @@ BOTTOM_RIGHT = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 
 def four_corner_trigger(image_shape: tuple[int, int, int], size: int = 3, reference_size: int = 32,
-                        pattern: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, H, W) 0/1 mask and (C, H, W) pattern of the mirrored four-corner trigger.
+                        pattern: torch.Tensor | None = None, mirror: str = "lr") -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, H, W) 0/1 mask and (C, H, W) pattern of the four-corner trigger.
 
-    ``size`` is the side in pixels of a ``reference_size`` image, scaled by nearest upsampling."""
+    ``pattern`` is the bottom-right copy. ``mirror="lr"`` (LC, REFERENCE.md): left copies mirrored
+    left–right, top copies = bottom copies; ``mirror="both"`` (the backdoor-toolbox's
+    ``badnet_patch4`` of Adap-Patch): top copies also flipped vertically (point-symmetric about the
+    centre). ``size`` is the side in pixels of a ``reference_size`` image, scaled by nearest upsampling."""
+    if mirror not in ("lr", "both"):
+        raise AttackConfigError(f"four-corner trigger mirror must be 'lr' or 'both', got {mirror!r}")
     ch, h, w = image_shape
     base = BOTTOM_RIGHT if pattern is None else pattern
     if base.shape != (size, size):
@@ -53,7 +60,7 @@ def four_corner_trigger(image_shape: tuple[int, int, int], size: int = 3, refere
     pat = torch.zeros(ch, h, w)
     for flip_r in (False, True):
         for flip_c in (False, True):
-            p = br.flip(0) if flip_r else br
+            p = br.flip(0) if flip_r and mirror == "both" else br
             p = p.flip(1) if flip_c else p
             r0 = 0 if flip_r else h - s  # flipped rows = top corners
             c0 = 0 if flip_c else w - s
@@ -134,9 +141,10 @@ class LabelConsistent(Attack):
         self._adv = torch.cat(out) if out else torch.empty(0, *train.image_shape)
 
     def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+        """x' = clip(x + amplitude·(2p − 1)) inside the four corner patches (= p at amplitude 1)."""
         mask, pat = four_corner_trigger(tuple(x.shape[1:]), self.size)
-        m = (mask * self.amplitude).to(x.device)
-        return x * (1 - m) + pat.to(x.device) * m
+        mask, pat = mask.to(x.device, x.dtype), pat.to(x.device, x.dtype)
+        return (x + mask * self.amplitude * (2 * pat - 1)).clamp(0, 1)
 
     def adversarial(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """PGD images of training ``index`` (all must be poisoned samples seen by ``fit``)."""

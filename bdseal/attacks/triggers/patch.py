@@ -2,8 +2,9 @@
 
 Defaults follow issue 3 / BackdoorBench (PGBD's setting): a 3x3 checkerboard in the bottom-right
 corner of a 32x32 image; the patch is scaled with the image by nearest upsampling (REFERENCE.md).
-Presets: GSSD/VIBE use a 2x2 random-colour patch at rows/cols 4-5; PGRL's "Pattern" is a 6x6
-checkerboard of 2x2 cells at rows/cols 22-27.
+Presets: GSSD/VIBE use a 2x2 patch at rows/cols 4-5 whose four colours are those of VIBE's trigger
+file ``resources/cifar_1.png`` (``pattern: colors``, the 0..255 values written in the preset; REFERENCE.md);
+PGRL's "Pattern" is a 6x6 checkerboard of 2x2 cells at rows/cols 22-27.
 """
 
 from __future__ import annotations
@@ -21,11 +22,25 @@ def checkerboard(size: int, cell: int = 1) -> torch.Tensor:
     return ((ij[:, None] + ij[None, :]) % 2 == 0).float()
 
 
+def _check_colors(colors: list, size: int) -> torch.Tensor:
+    """(C, size, size) patch in [0, 1] from a size x size x C nested list of 0..255 values."""
+    try:
+        t = torch.tensor(colors, dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise AttackConfigError(f"badnets colors must be a size x size x C list of numbers: {e}") from e
+    if t.dim() != 3 or t.shape[0] != size or t.shape[1] != size or t.shape[2] not in (1, 3):
+        raise AttackConfigError(f"badnets colors must have shape [{size}, {size}, C] (C = 1 or 3), got {list(t.shape)}")
+    if t.min() < 0 or t.max() > 255:
+        raise AttackConfigError("badnets colors must be 0..255 values")
+    return t.permute(2, 0, 1).div(255)
+
+
 @register_attack
 class BadNets(Attack):
     """Stamp a fixed patch. ``pattern``: ``checkerboard`` | ``white`` | ``random`` (random colours,
-    fixed by ``seed``). ``size``/``cell`` are in pixels of a 32x32 reference image; ``position`` is
-    ``bottom_right`` | ``top_left`` or explicit ``[row, col]`` (reference pixels)."""
+    fixed by ``seed``) | ``colors`` (``colors``: size x size x C nested list of 0..255 values, row-major).
+    ``size``/``cell`` are in pixels of a 32x32 reference image; ``position`` is ``bottom_right`` |
+    ``top_left`` or explicit ``[row, col]`` (reference pixels)."""
 
     name = "badnets"
 
@@ -38,12 +53,17 @@ class BadNets(Attack):
         position: str | list[int] = "bottom_right",
         margin: int = 0,
         reference_size: int = 32,
+        colors: list | None = None,
     ) -> None:
-        super().__init__(seed, size=size, cell=cell, pattern=pattern, position=position, margin=margin)
+        params = {"colors": colors} if colors is not None else {}
+        super().__init__(seed, size=size, cell=cell, pattern=pattern, position=position, margin=margin, **params)
         if size < 1:
             raise AttackConfigError(f"badnets patch size must be >= 1, got {size}")
-        if pattern not in ("checkerboard", "white", "random"):
-            raise AttackConfigError(f"unknown badnets pattern {pattern!r}")
+        if pattern not in ("checkerboard", "white", "random", "colors"):
+            raise AttackConfigError(f"unknown badnets pattern {pattern!r}; choose checkerboard | white | random | colors")
+        self.colors = None if colors is None else _check_colors(colors, size)
+        if pattern == "colors" and self.colors is None:
+            raise AttackConfigError("badnets pattern 'colors' needs attack.params.colors (size x size x C values 0..255)")
         self.size, self.cell, self.pattern, self.position, self.margin = size, cell, pattern, position, margin
         self.reference_size = reference_size
 
@@ -53,6 +73,11 @@ class BadNets(Attack):
             return checkerboard(self.size, self.cell).expand(channels, -1, -1).clone()
         if self.pattern == "white":
             return torch.ones(channels, self.size, self.size)
+        if self.pattern == "colors":
+            assert self.colors is not None
+            if self.colors.shape[0] != channels:
+                raise AttackConfigError(f"badnets colors have {self.colors.shape[0]} channels, the images {channels}")
+            return self.colors.clone()
         g = torch.Generator().manual_seed(self.seed + 7919)
         return torch.rand(channels, self.size, self.size, generator=g)
 

@@ -14,7 +14,8 @@ plus a per-sample random grid uniform in [−1, 1]/size and keep their labels. T
 paper (ρ_n = 2·ρ_a) is the ``cross_ratio`` parameter (default 2): when the config's ``cover_rate`` is
 null, ``default_cover_rate(rate)`` = ``cross_ratio`` × rate (0 without noise mode), so changing
 ``attack.rate`` keeps the ratio; an explicit ``cover_rate`` wins (PGRL preset: ``cross_ratio`` 1,
-covers = poison count, REFERENCE.md "Attacks"). Covers come from any class. The cross noise is drawn from (seed, sample index), so it is the same
+covers = poison count, REFERENCE.md "Attacks"). Covers come from any class by default;
+``cover_pool: source`` draws them from the non-target classes, as PGRL's code does (``pgrl/wanet``). The cross noise is drawn from (seed, sample index), so it is the same
 for a sample whatever batch it is in. The original attack redraws poison and cross samples each
 batch because the attacker trains the model; here the poisoned set is fixed (data poisoning).
 Rate: fraction of the **whole training set**, victims from non-target classes (poisoned-label).
@@ -36,13 +37,14 @@ _NOISE_CHUNK = 1 << 22  # values of cross noise generated at once
 class WaNet(Attack):
     """Warping trigger: ``k`` (control grid size, 4), ``s`` (strength, 0.5), ``grid_rescale`` (1),
     ``noise`` (noise-mode cover samples, true), ``cross_ratio`` (cover rate / poison rate when
-    ``cover_rate`` is null, 2)."""
+    ``cover_rate`` is null, 2), ``cover_pool`` (``any``; PGRL: ``source`` = non-target classes)."""
 
     name = "wanet"
 
     def __init__(self, seed: int = 0, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, noise: bool = True,
-                 cross_ratio: float = 2.0) -> None:
+                 cross_ratio: float = 2.0, cover_pool: str = "any") -> None:
         super().__init__(seed, k=k, s=s, grid_rescale=grid_rescale, noise=noise, cross_ratio=cross_ratio)
+        self.set_cover_pool(cover_pool)
         if float(cross_ratio) < 0:
             raise AttackConfigError(f"wanet cross_ratio must be >= 0, got {cross_ratio}")
         self.cross_ratio = float(cross_ratio)
