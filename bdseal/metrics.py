@@ -24,6 +24,13 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred.cpu() == labels.cpu()).float().mean())
 
 
+def nontarget_accuracy(pred: torch.Tensor, labels: torch.Tensor, target_classes: list[int]) -> float:
+    """Clean accuracy over test images whose true class is not an attack target (PGBD's authors' CA,
+    REFERENCE.md "PGBD"); NaN when every class is a target (all-to-all). No targets: plain accuracy."""
+    keep = ~torch.isin(labels.cpu(), torch.tensor(target_classes, dtype=labels.dtype))
+    return accuracy(pred.cpu()[keep], labels.cpu()[keep])
+
+
 def attack_success_rate(pred_triggered: torch.Tensor, attack_labels: torch.Tensor) -> float:
     """ASR over triggered test images already restricted to those whose true label differs from the
     attack label; ``attack_labels`` is the target (all-to-one) or the mapped label (all-to-all)."""

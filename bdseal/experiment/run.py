@@ -168,8 +168,11 @@ def clean_set(train: ImageDataset, test: ImageDataset) -> PoisonedSet:
 
 
 def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device) -> dict[str, float]:
-    """Clean accuracy on the clean test set and ASR on the triggered non-target test images."""
-    out = {"clean_acc": M.accuracy(predict(model, ps.test_clean.x, device=device), ps.test_clean.y)}
+    """Clean accuracy on the clean test set (all of it, and without the target classes' images:
+    ``clean_acc_nontarget``, PGBD's CA) and ASR on the triggered non-target test images."""
+    pred = predict(model, ps.test_clean.x, device=device)
+    out = {"clean_acc": M.accuracy(pred, ps.test_clean.y),
+           "clean_acc_nontarget": M.nontarget_accuracy(pred, ps.test_clean.y, ps.oracle.target_classes)}
     out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device), ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
     return out
 

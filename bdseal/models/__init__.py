@@ -4,13 +4,16 @@
 name                stages                                    feature_dim  extra kwargs
 =================== ========================================= ============ ==========================
 ``resnet18``        stem, layer1..layer4                      512          ``width`` (64)
-``preact_resnet18`` stem, layer1..layer4                      512          ``width`` (64)
+``preact_resnet18`` stem, layer1..layer4                      512          ``width`` (64), ``final_bn`` (False)
 ``vgg16``           block1..block5                            512          ``width_mult`` (1.0)
 ``densenet121``     stem, dense1..dense4                      1024         ``growth`` (32)
 ``resnet50``        stem, layer1..layer4                      2048         ``width`` (64)
 ``small``           stem, block1..block3                      256          see :class:`SmallCNN`
 ``small_half``      stem, block1..block3                      128          see :class:`SmallCNN`
 =================== ========================================= ============ ==========================
+
+``preact_resnet18`` follows BackdoorBench's layout (no BN + ReLU after layer4); :func:`load_backdoorbench`
+loads BackdoorBench ``preactresnet18`` / ``resnet18`` checkpoints (their key names) into bdseal models.
 
 Inputs are images in [0, 1]; each model normalises with ``mean``/``std`` (default 0.5 / 0.25 per
 channel, i.e. [0, 1] -> [-2, 2]).
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .backdoorbench import load_backdoorbench
 from .base import Normalize, StagedClassifier
 from .densenet import DenseNet, densenet121
 from .preact import PreActResNet, preact_resnet18
@@ -120,6 +124,7 @@ __all__ = [
     "build_model",
     "densenet121",
     "list_models",
+    "load_backdoorbench",
     "preact_resnet18",
     "resnet18",
     "resnet50",

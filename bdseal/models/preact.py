@@ -1,8 +1,12 @@
-"""PreAct-ResNet-18 (He et al. 2016, identity mappings) in the CIFAR layout used by BackdoorBench.
+"""PreAct-ResNet-18 (He et al. 2016, identity mappings) in BackdoorBench's CIFAR layout.
 
-Stages: ``stem`` (a bare 3x3 conv), ``layer1`` .. ``layer4``. The final BN + ReLU, which a pre-activation
-net applies before pooling, is the tail of ``layer4``, so ``layer4`` activations and ``features`` are
-post-ReLU like those of an ordinary ResNet.
+Stages: ``stem`` (a bare 3x3 conv), ``layer1`` .. ``layer4``. As in BackdoorBench's
+``models/preact_resnet.py`` (the model PGBD's authors load, REFERENCE.md "PGBD"), **no BN + ReLU follows
+layer4**: the last block's output (conv2 output + shortcut) goes straight to average pooling, so
+``layer4`` activations and ``features`` can be negative. ``final_bn=True`` appends the BN + ReLU a
+textbook pre-activation net applies before pooling (post-ReLU features, like an ordinary ResNet); such a
+model no longer loads BackdoorBench checkpoints. :func:`bdseal.models.backdoorbench.load_backdoorbench`
+maps BackdoorBench's key names onto this module's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from .base import StagedClassifier
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3 twice; the shortcut projection (when needed) reads the pre-activated input."""
+    """BN-ReLU-conv3x3 twice; the shortcut projection (when needed) reads the pre-activated input.
+    The block's output is conv2's output plus the shortcut (the tensor PGBD's hook sees, REFERENCE)."""
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -39,7 +44,8 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(StagedClassifier):
-    """Pre-activation ResNet with :class:`PreActBlock`; ``width`` = channels of ``layer1``."""
+    """Pre-activation ResNet with :class:`PreActBlock`; ``width`` = channels of ``layer1``;
+    ``final_bn`` appends BN + ReLU to ``layer4`` (not in BackdoorBench's layout)."""
 
     def __init__(
         self,
@@ -49,6 +55,7 @@ class PreActResNet(StagedClassifier):
         width: int = 64,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        final_bn: bool = False,
     ) -> None:
         stages: OrderedDict[str, nn.Module] = OrderedDict(
             stem=nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
@@ -60,7 +67,7 @@ class PreActResNet(StagedClassifier):
             for j in range(depth):
                 blocks.append(PreActBlock(in_ch, planes, 2 if (i > 0 and j == 0) else 1))
                 in_ch = planes
-            if i == len(depths) - 1:
+            if final_bn and i == len(depths) - 1:
                 blocks += [nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True)]
             stages[f"layer{i + 1}"] = nn.Sequential(*blocks)
         super().__init__(
@@ -71,6 +78,7 @@ class PreActResNet(StagedClassifier):
             std=std,
             in_channels=in_channels,
         )
+        self.final_bn = final_bn
 
 
 def preact_resnet18(
@@ -79,6 +87,8 @@ def preact_resnet18(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     width: int = 64,
+    final_bn: bool = False,
 ) -> PreActResNet:
-    """PreAct-ResNet-18, blocks [2, 2, 2, 2]; feature_dim = 8 * width (512 by default)."""
-    return PreActResNet((2, 2, 2, 2), num_classes, in_channels, width, mean, std)
+    """PreAct-ResNet-18, blocks [2, 2, 2, 2]; feature_dim = 8 * width (512 by default); BackdoorBench
+    layout unless ``final_bn``."""
+    return PreActResNet((2, 2, 2, 2), num_classes, in_channels, width, mean, std, final_bn)

@@ -26,7 +26,7 @@ CASES: dict[str, tuple[dict, int, list[str], int]] = {
 # Standard widths: name -> (feature_dim, parameter count with 10 classes, 3 channels).
 FULL_SIZE = {
     "resnet18": (512, 11_173_962),
-    "preact_resnet18": (512, 11_172_170),
+    "preact_resnet18": (512, 11_171_146),  # BackdoorBench layout: no final BN
     "vgg16": (512, 14_724_042),
     "densenet121": (1024, 6_956_298),
     "resnet50": (2048, 23_520_842),
@@ -128,9 +128,28 @@ def test_full_size_resnet18_forward() -> None:
 
 @pytest.mark.parametrize("name", ["preact_resnet18", "densenet121"])
 def test_features_are_post_relu(name: str) -> None:
-    model, x = _build(name)
+    kwargs, size, _, _ = CASES[name]
+    extra = {"final_bn": True} if name == "preact_resnet18" else {}
+    model = build_model(name, NUM_CLASSES, image_size=size, **kwargs, **extra)
     with torch.no_grad():
-        assert (model.eval().features(x) >= 0).all()
+        assert (model.eval().features(torch.rand(2, 3, size, size)) >= 0).all()
+
+
+def test_preact_backdoorbench_layout_has_no_final_bn() -> None:
+    """BackdoorBench's PreAct-ResNet-18: layer4's output is its last block's output (conv2 + shortcut, signed);
+    ``final_bn=True`` appends BN + ReLU (2·512 more parameters at full width)."""
+    model, x = _build("preact_resnet18")
+    model.eval()
+    assert [type(m).__name__ for m in model.stages.layer4] == ["PreActBlock", "PreActBlock"]
+    seen = {}
+    handle = model.stages.layer4[1].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    with torch.no_grad():
+        _, acts = model.forward_with(x, ["layer4"])
+    handle.remove()
+    torch.testing.assert_close(acts["layer4"], seen["out"])
+    assert (acts["layer4"] < 0).any()
+    full = build_model("preact_resnet18", 10, final_bn=True)
+    assert sum(p.numel() for p in full.parameters()) == FULL_SIZE["preact_resnet18"][1] + 1024
 
 
 def test_normalisation_stats() -> None:

@@ -1,25 +1,29 @@
-"""PGBD entry points: ``pgbd``, ``nt_pgbd`` and ``st_pgbd`` (seed ``pgbd_paper.txt``; REFERENCE.md "PGBD").
+"""PGBD entry points: ``pgbd``, ``pgbd_paper``, ``pgbd_lambda0``, ``nt_pgbd``, ``st_pgbd`` (seed
+``pgbd_paper.txt``; REFERENCE.md "PGBD").
 
 Post-hoc threat model: the defender holds the backdoored model M_B and the clean subset D_S (the held-out
 pool, 5% of the training split by default) and fine-tunes M_B into M_C with L = CE + λ·L_s (Eq. 4),
-λ = 10, SGD lr 1e-4 / momentum 0.9 / weight decay 1e-4, 35 epochs, batch 16, no lr decay.
+λ = 10, SGD lr 1e-4 / momentum 0.9 / weight decay 1e-4, 35 epochs, batch 16, no lr decay, no augmentation
+of D_S, fp32 (no bf16 autocast, also for the double backward of L_s), the model kept in **eval mode**.
 
-- ``pgbd``: target t known (``defender.target_known=true``) or inferred with Neural Cleanse; PAV
-  V_c = P_t − P_c (Eq. 1). ``target_map`` (config) gives an all-to-all mapping t(c) instead.
-- ``nt_pgbd``: no target; the assumed target cycles through the classes, t = cands[(t0 + ⌊e/k⌋) mod |cands|]
-  (REFERENCE: (t0 + epoch) mod K, i.e. k = 1; the paper's Tab. 4 used k = 3 for CIFAR-10), optionally
-  over only the top-``candidates_topk`` Neural Cleanse classes.
+Presets (``bdseal/conf/defense/``), all running :func:`sanitise`:
+
+- ``pgbd`` — **the authors' code defaults** (REFERENCE, their entry point ``get_arguments_2_preact``):
+  activation = the output of the last residual block (after the add); the large-model mapping on, with E/D
+  with bias receiving one Adam step per epoch (five in all: near-random); no prototype refresh.
+- ``pgbd_paper`` — **the paper as written**: V_c = P_t − P_c without mapping, prototypes refreshed every 5
+  epochs as P ← α·P_new + (1 − α)·P_old with α = 0.75.
+- ``pgbd_lambda0`` — the λ = 0 control: the same fine-tuning (lr 1e-4, eval mode, D_S, budget) with CE only.
+- ``nt_pgbd``: no target; the assumed target cycles through the classes every ``cycle_every`` epochs,
+  t = cands[(t0 + ⌊e/k⌋) mod |cands|] (the paper: every 3 epochs on CIFAR-10), optionally over only the
+  top-``candidates_topk`` Neural Cleanse classes.
 - ``st_pgbd``: synthetic PAVs V_c^s = P'_c − P_c with P'_c the prototypes of D_S with the synthesised
   trigger applied. The authors used PixelBackdoor (REFERENCE); we use our Neural Cleanse trigger.
 
-The model is kept in **eval mode** during fine-tuning (REFERENCE: BN statistics frozen): ``fit`` calls
-``model.train()`` once before its epoch loop, so our hook puts the model back in eval mode at the start
-of every epoch. Prototypes are refreshed every ``update_every`` epochs as P ← α·P_new + (1 − α)·P_old
-with α = 0.75 weighting the new one (REFERENCE).
-
-D_S is **not augmented** by default (``train.augment: none``): read in the authors' code, their D_S loader
-(``datasets/data_loader.py``, ``get_train_loader``) has RandomCrop/RandomHorizontalFlip commented out. Neither
-the seed nor REFERENCE.md says; on digits this halved the clean-accuracy loss (docs/pgbd.md, session 4).
+``fit`` calls ``model.train()`` once before its epoch loop, so the hook puts the model back in eval mode at
+the start of every epoch. Prototype refresh (``update_every`` > 0): ``refresh: replace`` (the authors'
+``--update_pav``; the mapping is then refitted from scratch) or ``refresh: weighted`` (α-weighting: their
+``--weight_proto``, and the paper's text).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from bdseal.data.dataset import ImageDataset
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.defenses.pgbd import mapping as mp
 from bdseal.defenses.pgbd.neural_cleanse import NCConfig, NCResult, neural_cleanse
-from bdseal.defenses.pgbd.pav import class_prototypes, layer_activations, pav, sanitisation_terms, target_map, to_space
+from bdseal.defenses.pgbd.pav import (class_prototypes, layer_activations, resolve_layer, sanitisation_terms, target_map,
+                                      to_space)
 from bdseal.prototypes import momentum_update
 from bdseal.train.loop import Batch, TrainHooks, TrainState, fit
 
@@ -97,22 +102,27 @@ class Sanitiser:
     def __init__(self, variant: str, model: nn.Module, clean: ImageDataset, cfg: dict[str, Any], ctx: RunContext,
                  nc: NCResult | None, target: int | None) -> None:
         self.variant, self.model, self.clean, self.ctx = variant, model, clean, ctx
-        self.layer = cfg.get("layer") or model.last_conv_name()  # REFERENCE: raw last-conv output
+        self.layer = resolve_layer(model, cfg.get("layer"))  # REFERENCE: the block output after the residual add
         self.space = cfg.get("space", "flatten")
         self.k = int(cfg.get("k", 3))
         self.lam = float(cfg.get("lam", 10.0))
         self.alpha = float(cfg.get("alpha", 0.75))
-        self.update_every = int(cfg.get("update_every", 5) or 0)
+        self.update_every = int(cfg.get("update_every", 0) or 0)  # REFERENCE: refresh off in the authors' code
+        self.refresh = str(cfg.get("refresh", "replace"))
+        if self.refresh not in ("replace", "weighted"):
+            raise ValueError(f"defense.refresh must be 'replace' or 'weighted', got {self.refresh!r}")
+        self.mapping_cfg: dict[str, Any] = dict(cfg.get("mapping") or {})
         self.K = clean.num_classes
         self.nc, self.target = nc, target
         self.targets = self._initial_targets(cfg)
         self.mapping: mp.Mapping | None = None
         self.mapping_losses: list[float] = []
+        self.mapping_steps = 0
         self.act_shape: tuple[int, ...] = ()
         self.clean_acts = torch.empty(0)
         centres, protos, sc, sp = self._prototypes()
-        if cfg.get("mapping", {}).get("enabled"):
-            self._fit_mapping(cfg["mapping"])
+        if self.mapping_cfg.get("enabled"):
+            self._fit_mapping()
         self.state = PAVState(centres, protos, torch.zeros_like(protos), torch.ones(self.K, dtype=torch.bool), sc, sp)
         self._refresh_pav()
 
@@ -158,36 +168,57 @@ class Sanitiser:
         return centres, protos, sc, sp
 
     def update_prototypes(self) -> None:
-        """P ← α·P_new + (1 − α)·P_old (REFERENCE: α = 0.75 weights the new prototypes)."""
+        """Refresh (REFERENCE): ``replace`` — P ← P_new and, with the mapping on, E/D refitted from scratch;
+        ``weighted`` — P ← α·P_new + (1 − α)·P_old (α = 0.75 weights the new prototypes)."""
         c, p, sc, sp = self._prototypes()
         s = self.state
-        s.centres = momentum_update(s.centres, c, self.alpha)
+        a = 1.0 if self.refresh == "replace" else self.alpha
+        s.centres = momentum_update(s.centres, c, a)
         s.protos = s.centres.mean(1)
         if sc is not None and s.shadow_centres is not None:
-            s.shadow_centres = momentum_update(s.shadow_centres, sc, self.alpha)
+            s.shadow_centres = momentum_update(s.shadow_centres, sc, a)
             s.shadow = s.shadow_centres.mean(1)
+        if self.mapping is not None and self.refresh == "replace":
+            self._fit_mapping()
         self._refresh_pav()
 
     # -- large-model mapping -----------------------------------------------------------------------
-    def _fit_mapping(self, mcfg: dict[str, Any]) -> None:
-        if self.space != "flatten" or len(self.act_shape) != 3:
-            raise ValueError("large-model mapping needs space=flatten on a convolutional layer")
-        ckpt = mcfg.get("teacher_checkpoint")
-        if not ckpt:
-            raise ValueError("mapping.enabled needs mapping.teacher_checkpoint (a local foundation checkpoint)")
-        sel = mp.balanced_indices(self.clean.y, int(mcfg.get("images", 150)), seed=self.ctx.seed)
-        xs = self.clean.x[sel]
-        channels = int(mcfg.get("channels", 64))
-        parts = {"images": fingerprint(xs), "teacher": str(ckpt), "channels": channels}
+    def _teacher_maps(self, xs: torch.Tensor, channels: int) -> torch.Tensor:
+        """PCA-reduced teacher feature maps of ``xs`` (cached): a local foundation checkpoint
+        (``mapping.teacher_checkpoint``, the authors' DINO) or a ``bdseal.ssl`` backbone pre-trained on D_S
+        (``mapping.teacher``; its weights are cached by ``load_backbone``)."""
+        m = self.mapping_cfg
+        ckpt, tcfg = m.get("teacher_checkpoint"), dict(m.get("teacher") or {})
+        if not ckpt and not tcfg:
+            raise ValueError("defense.mapping.enabled needs defense.mapping.teacher (a bdseal.ssl backbone config, "
+                             "e.g. {kind: simclr, arch: small_half}) or defense.mapping.teacher_checkpoint (a local "
+                             "foundation checkpoint)")
+        parts = {"images": fingerprint(xs), "teacher": str(ckpt) if ckpt else tcfg,
+                 "layer": m.get("teacher_layer"), "channels": channels, "seed": self.ctx.seed}
 
         def compute() -> torch.Tensor:
-            teacher = mp.load_teacher(str(ckpt), self.ctx.device)
+            if ckpt:
+                teacher = mp.load_teacher(str(ckpt), self.ctx.device)
+            else:
+                from bdseal.ssl.features import load_backbone  # post-hoc: pre-trained on D_S only
+
+                backbone = load_backbone(DefenderView(train=self.clean), tcfg, self.ctx)
+                teacher = mp.staged_teacher(backbone, m.get("teacher_layer"))
             return mp.pca_reduce(mp.teacher_features(teacher, xs, self.ctx.device), channels)
 
-        t = self.ctx.cache.get_or_compute("pgbd_teacher", parts, compute)
-        res = mp.fit_mapping(t, self.clean_acts[sel], epochs=int(mcfg.get("epochs", 5)), lr=float(mcfg.get("lr", 1e-4)),
-                             batch_size=int(mcfg.get("batch_size", 16)), seed=self.ctx.seed, device=self.ctx.device)
-        self.mapping, self.mapping_losses = res.mapping, res.losses
+        return self.ctx.cache.get_or_compute("pgbd_teacher", parts, compute)
+
+    def _fit_mapping(self) -> None:
+        """E/D fitted on the current D_S activations (REFERENCE: one Adam step per epoch in the authors' code)."""
+        m = self.mapping_cfg
+        if self.space != "flatten" or len(self.act_shape) != 3:
+            raise ValueError("large-model mapping needs space=flatten on a convolutional layer")
+        sel = mp.balanced_indices(self.clean.y, int(m.get("images", 150)), seed=self.ctx.seed)
+        t = self._teacher_maps(self.clean.x[sel], int(m.get("channels", 64)))
+        res = mp.fit_mapping(t, self.clean_acts[sel], epochs=int(m.get("epochs", 5)), lr=float(m.get("lr", 1e-4)),
+                             batch_size=int(m.get("batch_size", 16)), step_per=m.get("step_per", "epoch"),
+                             bias=bool(m.get("bias", True)), seed=self.ctx.seed, device=self.ctx.device)
+        self.mapping, self.mapping_losses, self.mapping_steps = res.mapping, res.losses, res.steps
 
     # -- fit plumbing -------------------------------------------------------------------------------
     def loss_fn(self, m: nn.Module, batch: Batch) -> torch.Tensor:
@@ -203,12 +234,17 @@ class Sanitiser:
         return ce + self.lam * ls
 
 
-class _Hooks(TrainHooks):
+class _EvalMode(TrainHooks):
+    def on_epoch_start(self, state: TrainState) -> None:
+        state.model.eval()  # REFERENCE: model kept in eval mode (BN statistics frozen) during sanitisation
+
+
+class _Hooks(_EvalMode):
     def __init__(self, san: Sanitiser, schedule: list[int] | None) -> None:
         self.san, self.schedule = san, schedule
 
     def on_epoch_start(self, state: TrainState) -> None:
-        state.model.eval()  # REFERENCE: model kept in eval mode (BN statistics frozen) during sanitisation
+        super().on_epoch_start(state)
         if self.schedule is not None:
             self.san.set_target(self.schedule[state.epoch])
         s = self.san.state
@@ -224,8 +260,20 @@ class _Hooks(TrainHooks):
             self.san.update_prototypes()
 
 
+def ce_only(view: DefenderView, cfg: dict[str, Any], ctx: RunContext, name: str) -> DefenseResult:
+    """λ = 0: PGBD's fine-tuning (same D_S, optimiser, budget, eval mode, no augmentation) with CE alone."""
+    t_start = time.time()
+    model = view.require_model(name).to(ctx.device).eval()
+    clean = view.require_clean(name)
+    fit(model, clean.x, clean.y, ctx.train_cfg.replace(**cfg.get("train", {})), device=ctx.device, hooks=_EvalMode(),
+        seed=ctx.seed, desc=name)
+    return DefenseResult(model.eval(), extras={"variant": name, "lam": 0.0, "defense_time_s": time.time() - t_start})
+
+
 def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
-    """Shared body of the three variants."""
+    """Shared body of the variants; λ = 0 runs :func:`ce_only` (no Neural Cleanse, no prototypes)."""
+    if float(cfg.get("lam", 10.0)) == 0.0:
+        return ce_only(view, cfg, ctx, variant)
     t_start = time.time()
     model = view.require_model(variant).to(ctx.device).eval()
     clean = view.require_clean(variant)
@@ -240,7 +288,7 @@ def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunCont
         if topk:
             nc = run_neural_cleanse(model, clean, cfg, ctx)
             cands = [int(i) for i in torch.argsort(nc.anomaly, descending=True)[: int(topk)]]
-        schedule = nt_schedule(train_cfg.epochs, cands, int(cfg.get("cycle_every", 1)), int(cfg.get("t0", 0)))
+        schedule = nt_schedule(train_cfg.epochs, cands, int(cfg.get("cycle_every", 3)), int(cfg.get("t0", 0)))
         target = schedule[0]
         extras["target_schedule"] = schedule
     else:
@@ -260,6 +308,7 @@ def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunCont
     extras["ce_history"] = [round(h["ce"], 5) for h in san.state.history]
     if san.mapping is not None:
         extras["mapping_losses"] = san.mapping_losses
+        extras["mapping_steps"] = san.mapping_steps
     extras["defense_time_s"] = time.time() - t_start
     return DefenseResult(model.eval(), extras=extras)
 
@@ -268,6 +317,18 @@ def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunCont
 def defend_pgbd(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """PGBD with the target known or inferred by Neural Cleanse."""
     return sanitise("pgbd", view, cfg, ctx)
+
+
+@register_defense("pgbd_paper", needs_clean=True, post_hoc=True)
+def defend_pgbd_paper(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
+    """PGBD as the paper is written (preset ``pgbd_paper``: no mapping, α-weighted refresh every 5 epochs)."""
+    return sanitise("pgbd", view, cfg, ctx)
+
+
+@register_defense("pgbd_lambda0", needs_clean=True, post_hoc=True)
+def defend_pgbd_lambda0(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
+    """The λ = 0 control of PGBD: CE-only fine-tuning with PGBD's optimiser and budget."""
+    return ce_only(view, cfg, ctx, "pgbd_lambda0")
 
 
 @register_defense("nt_pgbd", needs_clean=True, post_hoc=True)

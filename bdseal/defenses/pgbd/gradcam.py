@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.defenses.pgbd.pav import resolve_layer
 from bdseal.plotting import pyplot, save_figure
 
 
 def gradcam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
             class_idx: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Grad-CAM maps (B, H, W) in [0, 1] at stage ``layer`` (default: the last stage) for float [0, 1]
-    or uint8 images ``x``; ``class_idx`` defaults to each image's predicted class."""
-    layer = layer or model.layer_names[-1]
+    """Grad-CAM maps (B, H, W) in [0, 1] at ``layer`` (default: the last stage; PGBD's ``block_output`` /
+    ``last_conv`` names are resolved) for float [0, 1] or uint8 images ``x``; ``class_idx`` defaults to each
+    image's predicted class."""
+    layer = model.layer_names[-1] if layer is None else resolve_layer(model, layer)
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device

@@ -2,8 +2,10 @@
 
 Sources (seed ``pgbd_paper.txt`` Sec. 4.1–4.2 and REFERENCE.md "PGBD", which wins where they differ):
 
-- Activations are taken at ``layer`` (a stage of a :class:`~bdseal.models.base.StagedClassifier`);
-  REFERENCE: the last conv block, **flattened** (the issue said pooled; ``space="pool"`` is offered).
+- Activations are taken at ``layer`` of a :class:`~bdseal.models.base.StagedClassifier`. REFERENCE: the
+  authors hook PreAct-RN18 ``layer4.1.conv2``, but the block adds its shortcut **in place** on that tensor,
+  so the activation they use is the **block output after the residual add** (:func:`block_output_name`);
+  **flattened** (``space="pool"`` is offered).
 - Prototypes (REFERENCE): per class, k-means with k = 3 centres on D_S activations, P_c = mean of the
   centres (:func:`bdseal.prototypes.kmeans_prototypes`).
 - PAV (Eq. 1): V_c = P_t − P_c; with a per-class target map t(c) (all-to-all) V_c = P_{t(c)} − P_c.
@@ -27,6 +29,31 @@ from bdseal.prototypes import kmeans_prototypes
 from bdseal.train.loop import batched_eval
 
 Space = Literal["flatten", "pool"]
+
+
+def block_output_name(model: nn.Module) -> str:
+    """Dotted path of the last residual block of the last stage (``stages.layer4.1`` for the ResNets), whose
+    output is the tensor PGBD's authors use (REFERENCE). A stage whose direct children include bare convs (no
+    blocks, e.g. the small nets) is its own block: its name is returned."""
+    last = model.layer_names[-1]
+    stage = model.stages[last]
+    children = list(stage.named_children())
+    if any(isinstance(m, nn.Conv2d) for _, m in children) or not children:
+        return last
+    blocks = [n for n, m in children if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: stage {last!r} has no convolution")
+    return f"stages.{last}.{blocks[-1]}"
+
+
+def resolve_layer(model: nn.Module, layer: str | None) -> str:
+    """``block_output`` (default) → :func:`block_output_name`; ``last_conv`` → the raw output of the last
+    Conv2d (before any residual add); anything else is a stage name or dotted submodule path."""
+    if layer in (None, "block_output"):
+        return block_output_name(model)
+    if layer == "last_conv":
+        return model.last_conv_name()
+    return layer
 
 
 def to_space(a: torch.Tensor, space: Space) -> torch.Tensor:
