@@ -1,0 +1,88 @@
+"""CPU micro-benchmarks of the hot loops named in docs/bench.md ("Hot loops"): CPU milliseconds per
+call (process time, median of repeats, so other jobs on the machine inflate it less than wall time)
+and host read-backs per call (``Tensor.__bool__`` / ``.item()`` calls; each is a device sync on a GPU).
+
+    OMP_NUM_THREADS=1 python scripts/speed_hotloops.py [augment] [sinkhorn] [nc]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def cpu_ms(fn: Callable[[], object], repeats: int = 7) -> float:
+    """Median process CPU time of ``fn`` in ms (one warm-up call first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def host_reads(fn: Callable[[], object]) -> int:
+    """Number of ``Tensor.__bool__`` / ``Tensor.item`` calls made by ``fn``."""
+    n = [0]
+    ob, oi = torch.Tensor.__bool__, torch.Tensor.item
+
+    def b(t: torch.Tensor) -> bool:
+        n[0] += 1
+        return ob(t)
+
+    def i(t: torch.Tensor):  # noqa: ANN202
+        n[0] += 1
+        return oi(t)
+
+    torch.Tensor.__bool__, torch.Tensor.item = b, i  # type: ignore[method-assign]
+    try:
+        fn()
+    finally:
+        torch.Tensor.__bool__, torch.Tensor.item = ob, oi  # type: ignore[method-assign]
+    return n[0]
+
+
+def bench_augment() -> None:
+    from bdseal.data import augment as A
+
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cases = {
+        "simclr": A.build_augment("simclr"),
+        "randaugment (crop + 3 ops)": A.build_augment("randaugment"),
+        "randaugment ranges=pgrl, reflect crop": A.build_augment("randaugment", ranges="pgrl", padding_mode="reflect")
+        if "ranges" in A.rand_augment.__code__.co_varnames else A.build_augment("randaugment"),
+    }
+    modes = [("masked", False), ("sync-free", True)] if hasattr(A, "SYNC_FREE") else [("masked", None)]
+    for name, aug in cases.items():
+        for mode, flag in modes:
+            if flag is not None:
+                A.SYNC_FREE = flag
+            g = torch.Generator().manual_seed(0)
+            ms = cpu_ms(lambda: aug(x, generator=g))
+            reads = host_reads(lambda: aug(x, generator=g))
+            print(f"augment  {name:40s} {mode:9s} B=256 32x32: {ms:7.1f} CPU ms/call, {reads:4d} host reads/call")
+    if hasattr(A, "SYNC_FREE"):
+        A.SYNC_FREE = None
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    parts = argv or ["augment", "sinkhorn", "nc"]
+    table = {"augment": bench_augment}
+    for extra in ("sinkhorn", "nc"):
+        fn = globals().get(f"bench_{extra}")
+        if fn is not None:
+            table[extra] = fn
+    for p in parts:
+        if p not in table:
+            raise SystemExit(f"unknown part {p!r}; known: {sorted(table)}")
+        table[p]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
