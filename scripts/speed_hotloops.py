@@ -1,6 +1,7 @@
 """CPU micro-benchmarks of the hot loops named in docs/bench.md ("Hot loops"): CPU milliseconds per
 call (process time, median of repeats, so other jobs on the machine inflate it less than wall time)
-and host read-backs per call (``Tensor.__bool__`` / ``.item()`` calls; each is a device sync on a GPU).
+and host read-backs per call (``bool``/``float``/``int``/``.item()``/``.tolist()`` on a tensor; each is a
+device sync on a GPU; boolean-mask indexing also syncs on a GPU but is not counted).
 
     OMP_NUM_THREADS=1 python scripts/speed_hotloops.py [augment] [sinkhorn] [nc]
 """
@@ -27,23 +28,25 @@ def cpu_ms(fn: Callable[[], object], repeats: int = 7) -> float:
 
 
 def host_reads(fn: Callable[[], object]) -> int:
-    """Number of ``Tensor.__bool__`` / ``Tensor.item`` calls made by ``fn``."""
+    """Number of ``bool()`` / ``float()`` / ``int()`` / ``.item()`` / ``.tolist()`` calls on tensors made by ``fn``."""
     n = [0]
-    ob, oi = torch.Tensor.__bool__, torch.Tensor.item
+    names = ("__bool__", "__float__", "__int__", "item", "tolist")
+    orig = {k: getattr(torch.Tensor, k) for k in names}
 
-    def b(t: torch.Tensor) -> bool:
-        n[0] += 1
-        return ob(t)
+    def counted(k: str) -> Callable[..., object]:
+        def f(t: torch.Tensor, *a: object) -> object:
+            n[0] += 1
+            return orig[k](t, *a)
 
-    def i(t: torch.Tensor):  # noqa: ANN202
-        n[0] += 1
-        return oi(t)
+        return f
 
-    torch.Tensor.__bool__, torch.Tensor.item = b, i  # type: ignore[method-assign]
+    for k in names:
+        setattr(torch.Tensor, k, counted(k))
     try:
         fn()
     finally:
-        torch.Tensor.__bool__, torch.Tensor.item = ob, oi  # type: ignore[method-assign]
+        for k in names:
+            setattr(torch.Tensor, k, orig[k])
     return n[0]
 
 
@@ -68,6 +71,27 @@ def bench_augment() -> None:
             print(f"augment  {name:40s} {mode:9s} B=256 32x32: {ms:7.1f} CPU ms/call, {reads:4d} host reads/call")
     if hasattr(A, "SYNC_FREE"):
         A.SYNC_FREE = None
+
+
+def _vibe_like_scores(n: int, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ln P of a confident K-class model (log-softmax of logits with the true class +4) and a prior."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g) * 2
+    logits[torch.arange(n), torch.randint(0, k, (n,), generator=g)] += 4
+    return logits.log_softmax(1), torch.softmax(torch.randn(k, generator=g) * 0.3, 0)
+
+
+def bench_sinkhorn() -> None:
+    from bdseal.ot import sinkhorn_log
+
+    for n, tol in [(20000, 1e-6), (20000, 1e-9)]:
+        log_p, prior = _vibe_like_scores(n)
+        t0 = time.process_time()
+        res = sinkhorn_log(log_p, 1 / 25, col_marginal=prior, max_iter=5000, tol=tol)
+        cpu = time.process_time() - t0
+        reads = host_reads(lambda: sinkhorn_log(log_p, 1 / 25, col_marginal=prior, max_iter=5000, tol=tol))
+        print(f"sinkhorn N={n} K=10 lambda=25 tol={tol:g} max_iter=5000: {res.iterations} iterations, "
+              f"{cpu:.2f} CPU s, {reads} host reads")
 
 
 def main(argv: list[str]) -> None:
