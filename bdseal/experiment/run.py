@@ -125,10 +125,12 @@ def clean_set(train: ImageDataset, test: ImageDataset) -> PoisonedSet:
     return PoisonedSet(train, oracle, test, no_trigger, test.y[:0].cpu(), plan)
 
 
-def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device) -> dict[str, float]:
-    """Clean accuracy on the clean test set and ASR on the triggered non-target test images."""
-    out = {"clean_acc": M.accuracy(predict(model, ps.test_clean.x, device=device), ps.test_clean.y)}
-    out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device), ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
+def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device, tta_flip: bool = False) -> dict[str, float]:
+    """Clean accuracy on the clean test set and ASR on the triggered non-target test images
+    (``tta_flip``: the fast recipe's test-time flip)."""
+    out = {"clean_acc": M.accuracy(predict(model, ps.test_clean.x, device=device, tta_flip=tta_flip), ps.test_clean.y)}
+    out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device, tta_flip=tta_flip),
+                                       ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
     return out
 
 
@@ -242,10 +244,10 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
         "seed": seed, "poison_rate": ps.poison_rate, "target": int(cfg.attack.target) if cfg.attack.name != "none" else None,
         "n_train": len(ps.train), "n_poison": int(ps.oracle.is_poison.sum()), "n_cover": int(ps.oracle.is_cover.sum()),
-        **evaluate(result.model, ps, device),
+        **evaluate(result.model, ps, device, ctx.train_cfg.tta_flip),
     }
     if baseline_model is not None:
-        metrics["baseline"] = evaluate(baseline_model, ps, device)
+        metrics["baseline"] = evaluate(baseline_model, ps, device, ctx.train_cfg.tta_flip)
         b = metrics["baseline"]
         if b["asr"] == b["asr"]:
             metrics["dem"] = M.dem(b["clean_acc"], b["asr"], metrics["clean_acc"], metrics["asr"])
