@@ -167,13 +167,15 @@ def clean_set(train: ImageDataset, test: ImageDataset) -> PoisonedSet:
     return PoisonedSet(train, oracle, test, no_trigger, test.y[:0].cpu(), plan)
 
 
-def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device, tta_flip: bool = False) -> dict[str, float]:
     """Clean accuracy on the clean test set (all of it, and without the target classes' images:
-    ``clean_acc_nontarget``, PGBD's CA) and ASR on the triggered non-target test images."""
-    pred = predict(model, ps.test_clean.x, device=device)
+    ``clean_acc_nontarget``, PGBD's CA) and ASR on the triggered non-target test images
+    (``tta_flip``: the fast recipe's test-time flip)."""
+    pred = predict(model, ps.test_clean.x, device=device, tta_flip=tta_flip)
     out = {"clean_acc": M.accuracy(pred, ps.test_clean.y),
            "clean_acc_nontarget": M.nontarget_accuracy(pred, ps.test_clean.y, ps.oracle.target_classes)}
-    out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device), ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
+    out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device, tta_flip=tta_flip),
+                                       ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
     return out
 
 
@@ -306,12 +308,12 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
         "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
         "seed": seed, "poison_rate": ps.poison_rate, "target": int(cfg.attack.target) if cfg.attack.name != "none" else None,
         "n_train": len(ps.train), "n_poison": int(ps.oracle.is_poison.sum()), "n_cover": int(ps.oracle.is_cover.sum()),
-        **evaluate(result.model, ps, device),
+        **evaluate(result.model, ps, device, ctx.train_cfg.tta_flip),
     }
     if (pattern := pattern_label(cfg.attack)) is not None:
         metrics["attack_pattern"] = pattern  # "cartoon" = the built-in stand-in for the papers' blend photo
     if baseline_model is not None:
-        metrics["baseline"] = evaluate(baseline_model, ps, device)
+        metrics["baseline"] = evaluate(baseline_model, ps, device, ctx.train_cfg.tta_flip)
         b = metrics["baseline"]
         if b["asr"] == b["asr"]:
             metrics["dem"] = M.dem(b["clean_acc"], b["asr"], metrics["clean_acc"], metrics["asr"])

@@ -53,6 +53,12 @@ class TrainConfig:
     drop_last: bool = False
     train_mode: bool = True  # False keeps BN statistics and dropout frozen (PGBD fine-tunes in eval mode)
     progress: bool = True
+    # fast-recipe options (conf/train/fast.yaml); all off by default
+    lookahead_every: int = 0  # Lookahead (Zhang et al. 2019): every k steps slow += alpha (fast - slow), fast = slow
+    lookahead_alpha: float = 0.5  # the model keeps the slow weights at the end
+    whiten_stem: bool = False  # first conv = frozen PCA-whitening filters of training patches (airbench)
+    tta_flip: bool = False  # evaluation averages the logits of the image and its mirror (read by predict)
+    compile: bool = False  # torch.compile the training forward/backward (CUDA; first steps compile)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
@@ -197,11 +203,16 @@ def fit(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.whiten_stem:
+        whiten_first_conv(model, x)
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [{"params": [p for p in model.parameters() if p.requires_grad]}, *extra_params]
     optimizer = _optimizer(params, cfg)
+    lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_alpha) if cfg.lookahead_every > 0 else None
+    if cfg.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
     per_rank = len(x) // world
     bs = cfg.batch_size
     steps_per_epoch = max(1, per_rank // bs if cfg.drop_last and per_rank >= bs else -(-per_rank // bs))
@@ -219,7 +230,7 @@ def fit(
     extra = [p for g in extra_params for p in g["params"]]
     start_epoch = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        start_epoch = _load_checkpoint(checkpoint, state, gen, aug_gen, extra)
+        start_epoch = _load_checkpoint(checkpoint, state, gen, aug_gen, extra, lookahead)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     bar = tqdm(total=total, initial=state.step, desc=desc, disable=not cfg.progress or rank != 0,
                leave=False, dynamic_ncols=True)
@@ -250,6 +261,8 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state.step += 1
+            if lookahead is not None:
+                lookahead.step(state.step)
             epoch_loss += loss.detach()  # stays on the device: no host sync per step
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.step - 1, first_bad)
             n_batches += 1
@@ -264,10 +277,62 @@ def fit(
         state.history.append({"epoch": epoch, "loss": state.last_loss})
         hooks.on_epoch_end(state)
         if checkpoint is not None and rank == 0:
-            _save_checkpoint(checkpoint, state, gen, aug_gen, extra, epoch + 1)
+            _save_checkpoint(checkpoint, state, gen, aug_gen, extra, epoch + 1, lookahead)
     bar.close()
+    if lookahead is not None:
+        lookahead.finish()
     model.eval()
     return state
+
+
+class Lookahead:
+    """Lookahead over the model's parameters and float buffers (BN statistics), as airbench's
+    lookahead-EMA: every ``every`` steps ``slow += alpha (fast - slow)`` and the model is reset to
+    ``slow``; :meth:`finish` leaves the slow weights in the model. All on the device, no syncs."""
+
+    def __init__(self, model: nn.Module, every: int, alpha: float) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"lookahead_alpha must be in (0, 1], got {alpha}")
+        self.every, self.alpha = int(every), float(alpha)
+        self.fast = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.fast = [t.data if isinstance(t, nn.Parameter) else t for t in self.fast]
+        self.slow = [t.detach().clone() for t in self.fast]
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        if step % self.every == 0:
+            torch._foreach_lerp_(self.slow, self.fast, self.alpha)
+            torch._foreach_copy_(self.fast, self.slow)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        torch._foreach_copy_(self.fast, self.slow)
+
+
+@torch.no_grad()
+def whiten_first_conv(model: nn.Module, x: torch.Tensor, n_images: int = 5000, eps: float = 5e-4) -> None:
+    """airbench's whitened stem for any model: the first ``Conv2d`` (bias-free, k x k) gets, in channel
+    pairs (+w, -w), the PCA-whitening filters ``v / sqrt(lambda + eps)`` of the k x k patches of up to
+    ``n_images`` training images (after the model's own input normalisation), largest variance first,
+    and is frozen. Channels beyond twice the patch dimension keep their initialisation."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None or conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1]:
+        raise ValueError("whiten_stem needs a model whose first layer is a plain square Conv2d")
+    k = conv.kernel_size[0]
+    xs = x[:n_images].to(conv.weight.device).float().div(255)
+    norm = getattr(model, "normalize", None)
+    if isinstance(norm, nn.Module):
+        xs = norm(xs)
+    patches = F.unfold(xs, k).transpose(1, 2).reshape(-1, conv.in_channels * k * k).double()
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)
+    evals, evecs = torch.linalg.eigh(cov)
+    order = evals.argsort(descending=True)
+    filt = (evecs[:, order] / (evals[order].clamp_min(0) + eps).sqrt()).T  # (D, D), rows = filters
+    n = min(conv.out_channels // 2, filt.shape[0])
+    w = filt[:n].reshape(n, conv.in_channels, k, k).to(conv.weight)
+    conv.weight[: 2 * n] = torch.cat([w, -w]).view(2, n, *w.shape[1:]).transpose(0, 1).reshape(2 * n, *w.shape[1:])
+    conv.weight.requires_grad_(False)
 
 
 def _raise_if_diverged(first_bad: torch.Tensor, state: TrainState, epoch: int, cfg: TrainConfig, desc: str) -> None:
@@ -307,22 +372,25 @@ def _set_rng_states(r: dict[str, Any], aug_gen: torch.Generator) -> None:
 
 
 def _save_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, aug_gen: torch.Generator,
-                     extra: list[torch.Tensor], next_epoch: int) -> None:
+                     extra: list[torch.Tensor], next_epoch: int, lookahead: "Lookahead | None" = None) -> None:
     """Atomic resume checkpoint through :mod:`bdseal.io` (safetensors + JSON, no pickle): model, optimiser,
     extra trainable tensors, epoch/step/history and every RNG state, so a resumed run equals an
     uninterrupted one."""
     save_tree(path, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                      "extra": [p.detach() for p in extra], "epoch": next_epoch, "step": state.step,
-                     "history": state.history, "generator": gen.get_state(), "rng": _rng_states(aug_gen)},
+                     "history": state.history, "generator": gen.get_state(), "rng": _rng_states(aug_gen),
+                     "lookahead": [] if lookahead is None else list(lookahead.slow)},
               {"kind": "train_checkpoint"})
 
 
 def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, aug_gen: torch.Generator,
-                     extra: list[torch.Tensor]) -> int:
+                     extra: list[torch.Tensor], lookahead: "Lookahead | None" = None) -> int:
     ck, meta = load_tree(path)
     if meta.get("kind") != "train_checkpoint" or not isinstance(ck, dict):
         raise CorruptFileError(f"{path} is not a bdseal training checkpoint; delete it or pass another checkpoint path")
     state.model.load_state_dict(ck["model"])
+    if lookahead is not None and ck.get("lookahead"):
+        torch._foreach_copy_(lookahead.slow, [t.to(lookahead.slow[0].device) for t in ck["lookahead"]])
     state.optimizer.load_state_dict(ck["optimizer"])
     with torch.no_grad():
         for p, v in zip(extra, ck["extra"]):
@@ -335,7 +403,8 @@ def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, 
 
 @torch.no_grad()
 def batched_eval(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor, *,
-                 device: torch.device | str = "cpu", batch_size: int = 512, amp: bool = True) -> torch.Tensor:
+                 device: torch.device | str = "cpu", batch_size: int = 512, amp: bool = True,
+                 tta_flip: bool = False) -> torch.Tensor:
     """``fn(batch)`` over images ``x`` (uint8, or float in [0, 1]) with ``model`` in eval mode, batched on
     ``device`` (bf16 autocast on CUDA when ``amp``); float32 CPU outputs concatenated along dim 0. The one
     inference loop behind predictions, SSL features, PGRL features and PGBD activations."""
@@ -348,17 +417,23 @@ def batched_eval(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x
             xb = x[s : s + batch_size].to(device)
             xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
             with _autocast(device, amp):
-                out.append(fn(xb).float().cpu())
+                yb = fn(xb).float()
+                if tta_flip:  # test-time flip: mean of the image's and its mirror's outputs
+                    yb = (yb + fn(xb.flip(-1)).float()) / 2
+                out.append(yb.cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
-def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
-    """Logits (N, K) of uint8 images, in eval mode, batched on ``device``; returned on CPU."""
-    return batched_eval(model, model, x, device=device, batch_size=batch_size)
+def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512,
+                   tta_flip: bool = False) -> torch.Tensor:
+    """Logits (N, K) of uint8 images, in eval mode, batched on ``device``; returned on CPU.
+    ``tta_flip`` averages with the horizontally mirrored images' logits (the fast recipe's test-time flip)."""
+    return batched_eval(model, model, x, device=device, batch_size=batch_size, tta_flip=tta_flip)
 
 
-def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512,
+            tta_flip: bool = False) -> torch.Tensor:
     """Predicted labels (N,) of uint8 images."""
-    return predict_logits(model, x, device=device, batch_size=batch_size).argmax(dim=1)
+    return predict_logits(model, x, device=device, batch_size=batch_size, tta_flip=tta_flip).argmax(dim=1)
