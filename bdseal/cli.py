@@ -47,19 +47,33 @@ def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> 
     return 0
 
 
+def sweep_job_dir() -> str | None:
+    """In a ``bdseal run -m`` sweep, the job's own folder ``<hydra.sweep.dir>/<job num>`` (the run dir of a cell
+    without ``out=``, so a sweep leaves no empty job folders); ``None`` outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().runtime.output_dir)
+
+
 @subcommand("run", "run one experiment cell: bdseal run dataset=digits attack=badnets defense=none seed=0 out=DIR")
 def cmd_run(argv: list[str]) -> int:
     import json
 
     from bdseal.experiment.run import run_experiment
+    from bdseal.metrics import clean_json
 
     def task(cfg):  # type: ignore[no-untyped-def]
+        if cfg.out is None:
+            cfg.out = sweep_job_dir()
         metrics = run_experiment(cfg)
         shown = {k: metrics[k] for k in ("dataset", "attack", "defense", "clean_acc", "asr", "time_s") if k in metrics}
         for extra in ("baseline", "dem", "detection", "relabel_acc"):
             if extra in metrics:
                 shown[extra] = metrics[extra]
-        print(json.dumps(shown, indent=1, default=str))
+        print(json.dumps(clean_json(shown), indent=1, default=str, allow_nan=False))  # NaN (no ASR, ...) -> null
         print(f"results in {metrics['run_dir']}/metrics.json")
 
     return hydra_main(task, argv)
@@ -135,8 +149,10 @@ def cmd_bench_speed(argv: list[str]) -> int:
     from bdseal.experiment import speed
 
     _setup_logging()
+    from bdseal.metrics import clean_json
+
     res = speed.run_from_args(argv)
-    print(json.dumps(res, indent=1, default=str))
+    print(json.dumps(clean_json(res), indent=1, default=str, allow_nan=False))
     return 0
 
 

@@ -83,6 +83,14 @@ def load_data(cfg: DictConfig) -> DataSplits:
     return splits
 
 
+def defender_split(cfg: DictConfig, train: ImageDataset, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(training pool, the defender's clean pool): ``defender.holdout`` of each class held out before
+    poisoning, at least ``defender.min_per_class`` images of a class."""
+    d = cfg.defender
+    kept, held, _, _ = split_holdout(train, float(d.holdout), seed=seed, min_per_class=int(d.get("min_per_class") or 0))
+    return kept, held
+
+
 def attack_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The poisoning policy of ``cfg.attack``; ``cover_rate`` None (config null) = the attack's default."""
     a = cfg.attack
@@ -195,7 +203,7 @@ def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
     seed = int(cfg.seed)
     cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
     splits = load_data(cfg)
-    train_pool, defender_pool, _, _ = split_holdout(splits.train, float(cfg.defender.holdout), seed=seed)
+    train_pool, defender_pool = defender_split(cfg, splits.train, seed)
     ps = poison(cfg, train_pool, splits.test, device, cache, seed)
     mean, std = ps.train.channel_stats()
     c, h, _ = ps.train.image_shape
@@ -225,6 +233,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     make_model, defender_pool = ctx.build_model, cell.defender_pool
     spec = get_defense(cfg.defense.name)
     want_baseline = cfg.baseline == "auto" and spec.name != "none" or cfg.baseline is True
+    clean = _clean_subset(defender_pool, cfg, seed) if spec.needs_clean else None  # a too-small pool fails before training
     baseline_model = None
     if cfg.get("backdoored_ckpt"):
         baseline_model = load_backdoored(str(cfg.backdoored_ckpt), make_model, device)
@@ -232,12 +241,17 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         baseline_model = train_baseline(cfg, ctx, ps.train)
     view = DefenderView(
         train=ps.train,
-        clean=_clean_subset(defender_pool, cfg, seed) if spec.needs_clean else None,
+        clean=clean,
         backdoored_model=copy.deepcopy(baseline_model) if spec.post_hoc else None,
         known_target=int(cfg.attack.target) if cfg.defender.target_known and cfg.attack.name != "none" else None,
     )
     log.info("defense %s on %s/%s (%d train, %d poisoned)", spec.name, cfg.dataset.name, cfg.attack.name, len(ps.train), int(ps.oracle.is_poison.sum()))
-    result = spec.fn(view, defense_config(cfg), ctx)
+    if spec.name == "none" and not cfg.get("backdoored_ckpt"):
+        # defense=none is the backdoored model M_B itself: the same cached training as the defended cells'
+        # baseline (a bench's none row trains it once for every defense of that attack and seed)
+        result = DefenseResult(baseline_model if baseline_model is not None else train_baseline(cfg, ctx, ps.train))
+    else:
+        result = spec.fn(view, defense_config(cfg), ctx)
     metrics: dict[str, Any] = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
         "seed": seed, "poison_rate": ps.poison_rate, "target": int(cfg.attack.target) if cfg.attack.name != "none" else None,
@@ -286,7 +300,8 @@ def _clean_subset(pool: ImageDataset, cfg: DictConfig, seed: int) -> ImageDatase
         except DataError as e:
             raise DataError(
                 f"defense.clean_per_class={k} but the defender's clean pool (defender.holdout={cfg.defender.holdout} of "
-                f"the training split) is too small ({e}): raise defender.holdout or lower defense.clean_per_class") from e
+                f"the training split, at least defender.min_per_class={cfg.defender.get('min_per_class')} per class) is "
+                f"too small ({e}): raise defender.min_per_class or defender.holdout, or lower defense.clean_per_class") from e
     if frac:
         return per_class_subset(pool, fraction=float(frac), seed=seed)[0]
     return pool
