@@ -1,7 +1,7 @@
 """``bdseal`` command line: thin — parse, then call ``bdseal.experiment``.
 
     bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
-    bdseal list                       attacks, defenses, datasets, models
+    bdseal list                       datasets, models, attacks, defenses (threat model), bench configs
 """
 
 from __future__ import annotations
@@ -79,15 +79,11 @@ def cmd_run(argv: list[str]) -> int:
     return hydra_main(task, argv)
 
 
-@subcommand("list", "list the registered attacks, defenses, datasets and models")
+@subcommand("list", "datasets, models, attacks (+ each paper's presets), defenses with their threat model, bench configs")
 def cmd_list(argv: list[str]) -> int:
-    from bdseal.attacks import list_attacks
-    from bdseal.data import list_datasets
-    from bdseal.defenses import list_defenses
-    from bdseal.models import list_models
+    from bdseal.experiment.catalog import render
 
-    for title, names in (("datasets", list_datasets()), ("models", list_models()), ("attacks", list_attacks()), ("defenses", list_defenses())):
-        print(f"{title}: {', '.join(names)}")
+    print(render(), end="")
     return 0
 
 
