@@ -28,6 +28,8 @@ from .resnet import ResNet, resnet18, resnet50
 from .small import SmallCNN, small, small_half
 from .vgg import VGG, vgg16
 
+from bdseal.errors import ConfigError
+
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.25
 
@@ -100,7 +102,7 @@ def build_model(
     try:
         builder = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     mean_t = _stats(mean, DEFAULT_MEAN, in_channels, "mean")
     std_t = _stats(std, DEFAULT_STD, in_channels, "std")
     return builder(num_classes, in_channels, image_size, mean_t, std_t, **kwargs)

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from bdseal.cli import main
+from bdseal.errors import ConfigError
 from bdseal.experiment.config import compose_config
 from bdseal.experiment.run import RunDirError, run_experiment
 from tests.helpers import assert_oracle_blind
@@ -20,7 +21,7 @@ def test_bdseal_run_end_to_end_learns_backdoor(tmp_path, capsys):
     assert m["dataset"] == "digits" and m["defense"] == "none" and 0.09 < m["poison_rate"] < 0.11
     assert m["clean_acc"] > 0.85 and m["asr"] > 0.9
     assert m["device"].startswith("cpu (") and "torch " in m["device"]  # what ran the cell is recorded
-    assert (out / "config.yaml").exists() and (out / "model.pt").exists()
+    assert (out / "config.yaml").exists() and (out / "model.safetensors").exists() and (out / "model.json").exists()
     assert "results in" in capsys.readouterr().out
 
 
@@ -92,13 +93,26 @@ def test_none_cell_is_the_cached_baseline_of_the_defended_cells(tmp_path, monkey
     assert ft["baseline"] == {"clean_acc": none["clean_acc"], "asr": none["asr"]}
 
 
+def test_backdoored_ckpt_brings_its_architecture(tmp_path):
+    """A run dir records its model (model.json: arch + params), so a post-hoc run on it needs no model=:
+    the checkpoint of a narrow ``small`` net is repaired by a run left at the default ``small_half``."""
+    first = run_experiment(compose_config([*FAST, "train.epochs=1", "model=small", "+model.params.widths=[8,16,16]",
+                                           f"out={tmp_path / 'a'}", "progress=false"]))
+    again = run_experiment(compose_config([*FAST, "defense=ft", "defense.train.epochs=1", f"backdoored_ckpt={tmp_path / 'a'}",
+                                           f"out={tmp_path / 'b'}", "progress=false"]))
+    assert again["model"] == "small"
+    assert again["baseline"] == {"clean_acc": first["clean_acc"], "asr": first["asr"]}
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["arch"] == "small" and meta["model_params"] == {"widths": [8, 16, 16]}
+
+
 def test_backdoored_ckpt_is_loaded_as_the_baseline(tmp_path):
     # M_B from a 1-epoch run; this run's own recipe (2 epochs) would give a different model
     first = run_experiment(compose_config([*FAST, "train.epochs=1", f"out={tmp_path / 'a'}", "progress=false"]))
     again = run_experiment(compose_config([*FAST, f"out={tmp_path / 'b'}", "progress=false", "baseline=true",
                                            f"backdoored_ckpt={tmp_path / 'a'}"]))
     assert again["baseline"]["clean_acc"] == first["clean_acc"] and again["baseline"]["asr"] == first["asr"]
-    with pytest.raises(FileNotFoundError, match="backdoored_ckpt"):
+    with pytest.raises(ConfigError, match="backdoored_ckpt"):
         run_experiment(compose_config([*FAST, f"out={tmp_path / 'c'}", f"backdoored_ckpt={tmp_path / 'missing'}"]))
 
 
