@@ -49,7 +49,7 @@ def test_sweep_writes_one_run_dir_per_job_and_no_empty_folders(tmp_path, monkeyp
     (sweep,) = (tmp_path / "multirun").iterdir()
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
     for job in ("0", "1"):
-        assert {p.name for p in (sweep / job).iterdir()} >= {"metrics.json", "config.yaml", "model.pt"}
+        assert {p.name for p in (sweep / job).iterdir()} >= {"metrics.json", "config.yaml", "model.safetensors"}
     assert not (tmp_path / "runs").exists()
     empty = [p for p in tmp_path.rglob("*") if p.is_dir() and not any(p.iterdir())]
     assert empty == []
