@@ -1,5 +1,6 @@
 """``bdseal`` command line: thin — parse, then call ``bdseal.experiment``.
 
+    bdseal demo                       the quick start: an attack, defenses against it, one comparison table
     bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
     bdseal list                       datasets, models, attacks, defenses (threat model), bench configs
 """
@@ -98,6 +99,16 @@ def cmd_list(argv: list[str]) -> int:
 
     print(render(), end="")
     return 0
+
+
+@subcommand("demo", "the quick start: poison digits, train undefended and defended, print the comparison: bdseal demo [out=DIR]")
+def cmd_demo(argv: list[str]) -> int:
+    """Options as for ``bdseal bench`` (out=DIR, defenses=[...], cell overrides); runs the first attack and seed of
+    bench=demo into its store (bench/demo), prints the table and writes the HTML report (bench/demo/report/)."""
+    from bdseal.experiment.demo import main as demo_main
+
+    _setup_logging()
+    return demo_main(argv)
 
 
 @subcommand("probe", "linear-probe a self-supervised backbone: bdseal probe dataset=digits ssl.kind=simclr ssl.epochs=5")
