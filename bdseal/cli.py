@@ -1,7 +1,8 @@
 """``bdseal`` command line: thin — parse, then call ``bdseal.experiment``.
 
+    bdseal demo                       the quick start: an attack, defenses against it, one comparison table
     bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
-    bdseal list                       attacks, defenses, datasets, models
+    bdseal list                       datasets, models, attacks, defenses (threat model), bench configs
 """
 
 from __future__ import annotations
@@ -60,34 +61,54 @@ def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> 
     return 0
 
 
+def sweep_job_dir() -> str | None:
+    """In a ``bdseal run -m`` sweep, the job's own folder ``<hydra.sweep.dir>/<job num>`` (the run dir of a cell
+    without ``out=``, so a sweep leaves no empty job folders); ``None`` outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().runtime.output_dir)
+
+
 @subcommand("run", "run one experiment cell: bdseal run dataset=digits attack=badnets defense=none seed=0 out=DIR")
 def cmd_run(argv: list[str]) -> int:
     import json
 
     from bdseal.experiment.run import run_experiment
+    from bdseal.metrics import clean_json
 
     def task(cfg):  # type: ignore[no-untyped-def]
+        if cfg.out is None:
+            cfg.out = sweep_job_dir()
         metrics = run_experiment(cfg)
         shown = {k: metrics[k] for k in ("dataset", "attack", "defense", "clean_acc", "asr", "time_s") if k in metrics}
         for extra in ("baseline", "dem", "detection", "relabel_acc"):
             if extra in metrics:
                 shown[extra] = metrics[extra]
-        print(json.dumps(shown, indent=1, default=str))
+        print(json.dumps(clean_json(shown), indent=1, default=str, allow_nan=False))  # NaN (no ASR, ...) -> null
         print(f"results in {metrics['run_dir']}/metrics.json")
 
     return hydra_main(task, argv)
 
 
-@subcommand("list", "list the registered attacks, defenses, datasets and models")
+@subcommand("list", "datasets, models, attacks (+ each paper's presets), defenses with their threat model, bench configs")
 def cmd_list(argv: list[str]) -> int:
-    from bdseal.attacks import list_attacks
-    from bdseal.data import list_datasets
-    from bdseal.defenses import list_defenses
-    from bdseal.models import list_models
+    from bdseal.experiment.catalog import render
 
-    for title, names in (("datasets", list_datasets()), ("models", list_models()), ("attacks", list_attacks()), ("defenses", list_defenses())):
-        print(f"{title}: {', '.join(names)}")
+    print(render(), end="")
     return 0
+
+
+@subcommand("demo", "the quick start: poison digits, train undefended and defended, print the comparison: bdseal demo [out=DIR]")
+def cmd_demo(argv: list[str]) -> int:
+    """Options as for ``bdseal bench`` (out=DIR, defenses=[...], cell overrides); runs the first attack and seed of
+    bench=demo into its store (bench/demo), prints the table and writes the HTML report (bench/demo/report/)."""
+    from bdseal.experiment.demo import main as demo_main
+
+    _setup_logging()
+    return demo_main(argv)
 
 
 @subcommand("probe", "linear-probe a self-supervised backbone: bdseal probe dataset=digits ssl.kind=simclr ssl.epochs=5")
@@ -153,8 +174,10 @@ def cmd_bench_speed(argv: list[str]) -> int:
     from bdseal.experiment import speed
 
     _setup_logging()
+    from bdseal.metrics import clean_json
+
     res = speed.run_from_args(argv)
-    print(json.dumps(res, indent=1, default=str))
+    print(json.dumps(clean_json(res), indent=1, default=str, allow_nan=False))
     return 0
 
 

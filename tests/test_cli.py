@@ -26,3 +26,30 @@ def test_bench_speed_help_lists_its_options(capsys: pytest.CaptureFixture[str]) 
 def test_unknown_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+TINY_RUN = ["train.epochs=1", "dataset.train_per_class=12", "dataset.test_per_class=5", "progress=false",
+            "figures.enabled=false", "cache=false"]
+
+
+def test_run_console_output_is_strict_json(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """attack=none has no ASR (NaN in memory): the console block must still parse as JSON, with null."""
+    import json
+
+    assert main(["run", "attack=none", f"out={tmp_path / 'r'}", *TINY_RUN]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out[out.index("{"): out.rindex("}") + 1])
+    assert shown["asr"] is None and shown["attack"] == "none"
+
+
+def test_sweep_writes_one_run_dir_per_job_and_no_empty_folders(tmp_path, monkeypatch) -> None:
+    """``run -m`` without out=: each cell's run dir is its job folder multirun/<time>/<job num>/."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "-m", "attack=none", "seed=0,1", *TINY_RUN]) == 0
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job in ("0", "1"):
+        assert {p.name for p in (sweep / job).iterdir()} >= {"metrics.json", "config.yaml", "model.safetensors"}
+    assert not (tmp_path / "runs").exists()
+    empty = [p for p in tmp_path.rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert empty == []

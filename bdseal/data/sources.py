@@ -350,10 +350,24 @@ def _download_and_extract(url: str, md5: str, dest: Path, name: str) -> None:
             tar.extractall(dest)
 
 
-def _search_dirs(root: str | os.PathLike | None) -> list[Path]:
+def data_env_var(name: str) -> str:
+    """The environment variable naming where dataset ``name`` lives: ``BDSEAL_CIFAR10``, ``BDSEAL_GTSRB``, ..."""
+    return f"BDSEAL_{name.upper()}"
+
+
+def _search_dirs(root: str | os.PathLike | None, name: str) -> list[Path]:
+    """Where to look for ``name``: ``root`` when given, else ``$BDSEAL_<NAME>`` (a file or folder) when set,
+    then :func:`default_root` and the ``shared/data`` folder beside a source checkout."""
     if root is not None:
         return [Path(root).expanduser()]
-    return [default_root(), _SHARED_DATA]
+    env = os.environ.get(data_env_var(name))
+    return [*([Path(env).expanduser()] if env else []), default_root(), _SHARED_DATA]
+
+
+def _where_hint(name: str, what: str) -> str:
+    """How to point bdseal at dataset ``name``: ``$BDSEAL_<NAME>`` or ``dataset.root=`` an absolute path."""
+    return (f"Set {data_env_var(name)}=/path/to/{what} or pass dataset.root=/path/to/{what} "
+            f"(a relative root is relative to the current directory)")
 
 
 def _missing(name: str, looked: Iterable[Path], hint: str) -> DataError:
@@ -460,7 +474,7 @@ def _read_cifar_pickles(folder: Path, name: str) -> DataSplits:
 def _load_cifar(name: str, root: str | os.PathLike | None, download: bool) -> DataSplits:
     spec = _CIFAR[name]
     looked: list[Path] = []
-    for base in _search_dirs(root):
+    for base in _search_dirs(root, name):
         if base.is_file() or base.suffix == ".npz":
             if base.suffix != ".npz":
                 raise DataError(f"{name}: {base} is a file but not an .npz")
@@ -480,8 +494,9 @@ def _load_cifar(name: str, root: str | os.PathLike | None, download: bool) -> Da
     raise _missing(
         name,
         looked,
-        f"Pass root= an .npz file (x_train,y_train,x_test,y_test[,classes]) or a directory holding "
-        f"{name}.npz or {spec['dir']}/, or use download=True to fetch {spec['url']} into {dest}.",
+        f"{_where_hint(name, f'{name}.npz')} (an .npz with x_train, y_train, x_test, y_test[, classes], or a folder "
+        f"holding {name}.npz or {spec['dir']}/), or add +dataset.options.download=true (Python: download=True) to "
+        f"fetch {spec['url']} into {dest}.",
     )
 
 
@@ -601,7 +616,7 @@ def _read_gtsrb_official(base: Path, size: int, crop_roi: bool) -> DataSplits:
 def load_gtsrb(root: str | os.PathLike | None = None, image_size: int = 32, crop_roi: bool = False) -> DataSplits:
     """GTSRB from the official layout (``Final_Training/Images``, ``Final_Test/Images`` + GT csv) or an ``.npz``."""
     looked: list[Path] = []
-    for base in _search_dirs(root):
+    for base in _search_dirs(root, "gtsrb"):
         if base.is_file() or base.suffix == ".npz":
             return load_npz(base, "gtsrb")
         for cand in (base / "gtsrb.npz",):
@@ -615,8 +630,8 @@ def load_gtsrb(root: str | os.PathLike | None = None, image_size: int = 32, crop
     raise _missing(
         "gtsrb",
         looked,
-        "Pass root= a gtsrb .npz or a directory with Final_Training/Images/000xx/ and "
-        "Final_Test/Images/ + GT-final_test.csv (no automatic download).",
+        f"{_where_hint('gtsrb', 'gtsrb.npz')} (an .npz, or a folder with Final_Training/Images/000xx/ and "
+        "Final_Test/Images/ + GT-final_test.csv; no automatic download).",
     )
 
 

@@ -125,6 +125,14 @@ def load_data(cfg: DictConfig) -> DataSplits:
     return splits
 
 
+def defender_split(cfg: DictConfig, train: ImageDataset, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(training pool, the defender's clean pool): ``defender.holdout`` of each class held out before
+    poisoning, at least ``defender.min_per_class`` images of a class."""
+    d = cfg.defender
+    kept, held, _, _ = split_holdout(train, float(d.holdout), seed=seed, min_per_class=int(d.get("min_per_class") or 0))
+    return kept, held
+
+
 def attack_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The poisoning policy of ``cfg.attack``; ``cover_rate`` None (config null) = the attack's default."""
     a = cfg.attack
@@ -216,6 +224,27 @@ def load_backdoored(path: str, make_model: Any, device: torch.device) -> torch.n
     return model.to(device).eval()
 
 
+def model_from_checkpoint(cfg: DictConfig) -> None:
+    """With ``backdoored_ckpt``, the model is the checkpoint's: the architecture (and its parameters) its
+    metadata records replace ``cfg.model`` (a checkpoint without metadata, e.g. a plain state dict, keeps the
+    run's ``model=``)."""
+    if not cfg.get("backdoored_ckpt"):
+        return
+    try:
+        _, meta = load_model_state(Path(str(cfg.backdoored_ckpt)))
+    except FileNotFoundError:
+        raise ConfigError(f"backdoored_ckpt={cfg.backdoored_ckpt}: no such file or run directory (with model.safetensors); "
+                          "fix the path") from None
+    arch = meta.get("arch")
+    if not isinstance(arch, str):
+        return
+    params = meta.get("model_params") or {}
+    if arch != cfg.model.name or params != (plain(cfg.model.get("params")) or {}):
+        log.info("backdoored_ckpt: model=%s %s from the checkpoint's metadata (instead of model=%s)", arch, params or "",
+                 cfg.model.name)
+    cfg.model = OmegaConf.create({**plain(cfg.model), "name": arch, "params": params})
+
+
 def defense_config(cfg: DictConfig) -> dict[str, Any]:
     return dict(plain(cfg.defense))
 
@@ -245,7 +274,7 @@ def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
     seed = int(cfg.seed)
     cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
     splits = load_data(cfg)
-    train_pool, defender_pool, _, _ = split_holdout(splits.train, float(cfg.defender.holdout), seed=seed)
+    train_pool, defender_pool = defender_split(cfg, splits.train, seed)
     ps = poison(cfg, train_pool, splits.test, device, cache, seed)
     mean, std = ps.train.channel_stats()
     c, h, _ = ps.train.image_shape
@@ -271,6 +300,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     (:func:`staged_run_dir`)."""
     t0 = time.time()
     validate_run_config(cfg)
+    model_from_checkpoint(cfg)
     final = prepare_run_dir(cfg)
     with staged_run_dir(final) as out:
         metrics = _run_cell(cfg, out, t0)
@@ -302,7 +332,12 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
         known_target=int(cfg.attack.target) if cfg.defender.target_known and cfg.attack.name != "none" else None,
     )
     log.info("defense %s on %s/%s (%d train, %d poisoned)", spec.name, cfg.dataset.name, cfg.attack.name, len(ps.train), int(ps.oracle.is_poison.sum()))
-    result = spec.fn(view, defense_config(cfg), ctx)
+    if spec.name == "none" and not cfg.get("backdoored_ckpt"):
+        # defense=none is the backdoored model M_B itself: the same cached training as the defended cells'
+        # baseline (a bench's none row trains it once for every defense of that attack and seed)
+        result = DefenseResult(baseline_model if baseline_model is not None else train_baseline(cfg, ctx, ps.train))
+    else:
+        result = spec.fn(view, defense_config(cfg), ctx)
     check_finite_model(result.model, f"the {spec.name} defense's model")
     metrics: dict[str, Any] = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
@@ -337,8 +372,8 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
             metrics["figures"] = figs
     metrics["time_s"] = time.time() - t0
     metrics["device"] = device_description(device)
-    save_model(out, result.model, {"arch": cfg.model.name, "dataset": cfg.dataset.name, "attack": cfg.attack.name,
-                                   "defense": spec.name, "seed": seed})
+    save_model(out, result.model, {"arch": cfg.model.name, "model_params": plain(cfg.model.get("params")),
+                                   "dataset": cfg.dataset.name, "attack": cfg.attack.name, "defense": spec.name, "seed": seed})
     return metrics
 
 
@@ -361,7 +396,8 @@ def _clean_subset(pool: ImageDataset, cfg: DictConfig, seed: int) -> ImageDatase
         except DataError as e:
             raise DataError(
                 f"defense.clean_per_class={k} but the defender's clean pool (defender.holdout={cfg.defender.holdout} of "
-                f"the training split) is too small ({e}): raise defender.holdout or lower defense.clean_per_class") from e
+                f"the training split, at least defender.min_per_class={cfg.defender.get('min_per_class')} per class) is "
+                f"too small ({e}): raise defender.min_per_class or defender.holdout, or lower defense.clean_per_class") from e
     if frac:
         return per_class_subset(pool, fraction=float(frac), seed=seed)[0]
     return pool

@@ -49,10 +49,9 @@ def split_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
 def probe_main(argv: list[str]) -> int:
     """CLI entry: print and return 0 with a JSON line {"probe_acc": ..., ...}; 2 on a usage error."""
     from bdseal.cache import ArtifactCache
-    from bdseal.data import split_holdout
     from bdseal.defenses.base import DefenderView, RunContext
     from bdseal.experiment.config import compose_config
-    from bdseal.experiment.run import load_data, plain, poison, resolve_device
+    from bdseal.experiment.run import defender_split, load_data, plain, poison, resolve_device
     from bdseal.ssl.features import extract_features, load_backbone, resolve_cfg
     from bdseal.train import TrainConfig
 
@@ -69,7 +68,7 @@ def probe_main(argv: list[str]) -> int:
     device, seed = resolve_device(cfg.device), int(cfg.seed)
     cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
     splits = load_data(cfg)
-    pool, _, _, _ = split_holdout(splits.train, float(cfg.defender.holdout), seed=seed)
+    pool, _ = defender_split(cfg, splits.train, seed)
     ps = poison(cfg, pool, splits.test, device, cache, seed)
     train_cfg = TrainConfig.from_dict({**plain(cfg.train), "progress": bool(cfg.progress)})
     ctx = RunContext(device=device, seed=seed, build_model=lambda num_classes=None: None, train_cfg=train_cfg,

@@ -194,7 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics = run_cell(list(sys.argv[1:] if argv is None else argv))
     if metrics is not None:
-        print(json.dumps({k: metrics.get(k) for k in ("dataset", "attack", "defense", "clean_acc", "asr", "time_s", "run_dir")}, default=str))
+        from bdseal.metrics import clean_json
+
+        shown = {k: metrics.get(k) for k in ("dataset", "attack", "defense", "clean_acc", "asr", "time_s", "run_dir")}
+        print(json.dumps(clean_json(shown), default=str, allow_nan=False))  # NaN (no ASR) -> null
     return 0
 
 

@@ -124,6 +124,29 @@ def test_missing_files_message(tmp_path: Path) -> None:
         load_dataset("imagefolder", root=tmp_path / "nope")
 
 
+def test_env_var_points_at_the_data_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$BDSEAL_CIFAR10 (a file or a folder) is found without dataset.root, whatever the current directory; the
+    error names it and the Hydra override that downloads."""
+    npz = tmp_path / "somewhere" / "c10.npz"
+    npz.parent.mkdir()
+    np.savez(npz, x_train=np.zeros((2, 3, 8, 8), np.uint8), y_train=np.array([0, 1]),
+             x_test=np.zeros((1, 3, 8, 8), np.uint8), y_test=np.zeros(1, np.int64))
+    from bdseal.data import sources
+
+    monkeypatch.setenv("BDSEAL_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(sources, "_SHARED_DATA", tmp_path / "no_checkout_data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BDSEAL_CIFAR10", raising=False)
+    with pytest.raises(DataError, match=r"BDSEAL_CIFAR10=.*\+dataset\.options\.download=true") as e:
+        load_dataset("cifar10")
+    assert str(tmp_path / "empty") in str(e.value)
+    monkeypatch.setenv("BDSEAL_CIFAR10", str(npz))
+    assert len(load_dataset("cifar10").train) == 2
+    (tmp_path / "somewhere" / "cifar10.npz").write_bytes(npz.read_bytes())
+    monkeypatch.setenv("BDSEAL_CIFAR10", str(npz.parent))
+    assert len(load_dataset("cifar10").test) == 1
+
+
 def test_make_dataset_validation() -> None:
     ds = make_dataset(np.zeros((2, 4, 4), np.int32), [0, 1])  # (N,H,W) integer -> 1 channel uint8
     assert ds.image_shape == (1, 4, 4) and ds.x.dtype == torch.uint8

@@ -38,6 +38,20 @@ def test_split_holdout_counts_disjoint() -> None:
     assert kept9.y.bincount(minlength=4).tolist()[:3] == [1, 1, 1]
 
 
+def test_split_holdout_min_per_class_raises_small_quotas_only() -> None:
+    """max(round(fraction * n), min_per_class), capped at n - 1; classes above the floor are unchanged and the
+    hold-out without a floor is what the fraction alone gives."""
+    ds = _ds([200, 50, 12, 1])
+    _, held, _, _ = split_holdout(ds, 0.1, seed=0, min_per_class=10)
+    assert held.y.bincount(minlength=4).tolist() == [20, 10, 10, 1]
+    _, held0, _, _ = split_holdout(ds, 0.1, seed=0)
+    assert held0.y.bincount(minlength=4).tolist() == [20, 5, 1, 1]
+    _, none_held, _, _ = split_holdout(ds, 0.0, seed=0, min_per_class=10)
+    assert len(none_held) == 0  # no hold-out asked for: the floor does not apply
+    with pytest.raises(DataError, match="min_per_class"):
+        split_holdout(ds, 0.1, seed=0, min_per_class=-1)
+
+
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
 def test_split_holdout_bad_fraction(fraction: float) -> None:
     with pytest.raises(DataError):

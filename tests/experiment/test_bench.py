@@ -122,7 +122,7 @@ def test_parse_args_config_lists_and_cell_overrides():
     spec, opts = parse_args(["bench=demo", "attacks=[badnets,blend]", "seeds=[3]", "train.epochs=1", "dry_run=true"])
     assert spec.name == "demo" and spec.attacks == ["badnets", "blend"] and spec.seeds == [3]
     assert spec.late_overrides == ["train.epochs=1"] and opts == {"dry_run": True}
-    assert spec.overrides == ["dataset.train_per_class=60", "train.epochs=3"]  # demo.yaml's own
+    assert spec.overrides == ["+dataset.options.image_size=16", "train.epochs=15"]  # demo.yaml's own
     with pytest.raises(ValueError, match="unknown bench config"):
         parse_args(["bench=nope"])
     with pytest.raises(ValueError, match="use seeds="):

@@ -51,11 +51,59 @@ def test_unknown_names_are_clear_errors(tmp_path):
         run_experiment(cfg)
 
 
-def test_too_small_clean_pool_names_the_keys_to_change(tmp_path):
-    """PGRL's D_v (10 per class) from digits' default 5% hold-out (7 per class): a clear error before training."""
-    cfg = compose_config([*FAST, "defense=pgrl", f"out={tmp_path / 'x'}"])
-    with pytest.raises(ValueError, match="defense.clean_per_class=10 .* raise defender.holdout or lower defense.clean_per_class"):
+def test_too_small_clean_pool_names_the_keys_to_change(tmp_path, monkeypatch):
+    """PGRL's D_v (10 per class) from a 5% hold-out of 30 images per class without the per-class floor (2 per
+    class): a clear error before the baseline is trained."""
+    from bdseal.experiment import run as run_mod
+
+    monkeypatch.setattr(run_mod, "train_baseline", lambda *a, **k: pytest.fail("trained before checking the clean pool"))
+    cfg = compose_config([*FAST, "defense=pgrl", "defender.min_per_class=0", f"out={tmp_path / 'x'}"])
+    with pytest.raises(ValueError, match="defense.clean_per_class=10 .* raise defender.min_per_class"):
         run_experiment(cfg)
+
+
+def test_default_holdout_grants_every_defense_its_clean_set():
+    """On digits with the default hold-out, every registered defense that asks for a clean set gets it: the
+    per-class floor (defender.min_per_class) covers the largest clean_per_class of any defense config."""
+    from bdseal.defenses import get_defense, list_defenses
+    from bdseal.experiment.run import _clean_subset, defender_split, load_data
+
+    for name in list_defenses():
+        cfg = compose_config([f"defense={name}"])
+        if get_defense(name).needs_clean:
+            _, pool = defender_split(cfg, load_data(cfg).train, 0)
+            clean = _clean_subset(pool, cfg, 0)
+            assert len(clean) >= 10, name
+
+
+def test_none_cell_is_the_cached_baseline_of_the_defended_cells(tmp_path, monkeypatch):
+    """defense=none trains M_B once into the cache; a defended cell of the same data, model, recipe and seed
+    loads it (no second training) and reports it as its baseline."""
+    from bdseal.experiment import run as run_mod
+    from bdseal.train import loop
+
+    cache = tmp_path / "cache"
+    common = [*FAST, f"cache_dir={cache}", "progress=false", "figures.enabled=false"]
+    none = run_experiment(compose_config([*common, f"out={tmp_path / 'none'}"]))
+    fits: list[str] = []
+    real_fit = loop.fit
+    monkeypatch.setattr(run_mod, "fit", lambda *a, **k: fits.append(k.get("desc")) or real_fit(*a, **k))
+    ft = run_experiment(compose_config([*common, "defense=ft", "defense.train.epochs=1", f"out={tmp_path / 'ft'}"]))
+    assert fits == []  # the baseline came from the cache
+    assert ft["baseline"] == {"clean_acc": none["clean_acc"], "asr": none["asr"]}
+
+
+def test_backdoored_ckpt_brings_its_architecture(tmp_path):
+    """A run dir records its model (model.json: arch + params), so a post-hoc run on it needs no model=:
+    the checkpoint of a narrow ``small`` net is repaired by a run left at the default ``small_half``."""
+    first = run_experiment(compose_config([*FAST, "train.epochs=1", "model=small", "+model.params.widths=[8,16,16]",
+                                           f"out={tmp_path / 'a'}", "progress=false"]))
+    again = run_experiment(compose_config([*FAST, "defense=ft", "defense.train.epochs=1", f"backdoored_ckpt={tmp_path / 'a'}",
+                                           f"out={tmp_path / 'b'}", "progress=false"]))
+    assert again["model"] == "small"
+    assert again["baseline"] == {"clean_acc": first["clean_acc"], "asr": first["asr"]}
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["arch"] == "small" and meta["model_params"] == {"widths": [8, 16, 16]}
 
 
 def test_backdoored_ckpt_is_loaded_as_the_baseline(tmp_path):
