@@ -59,14 +59,17 @@ def register_source(name: str) -> Callable[[Callable[..., DataSplits]], Callable
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`."""
+    """Names accepted by :func:`load_dataset` (built-in sources and plugins)."""
+    from bdseal.registry import load_entry_point_plugins
+
+    load_entry_point_plugins()
     return sorted(SOURCES)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> DataSplits:
     """Load dataset ``name`` (see :func:`list_datasets`) as uint8 NCHW train/test splits."""
     key = str(name).lower()
-    if key not in SOURCES:
+    if key not in SOURCES and key not in list_datasets():
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
     fn = SOURCES[key]
     try:

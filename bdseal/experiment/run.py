@@ -25,6 +25,8 @@ from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
 from bdseal.models import build_model
+from bdseal.provenance import provenance
+from bdseal.registry import load_plugins
 from bdseal.train import TrainConfig, fit, predict
 
 log = logging.getLogger("bdseal")
@@ -126,9 +128,14 @@ def clean_set(train: ImageDataset, test: ImageDataset) -> PoisonedSet:
 
 
 def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device) -> dict[str, float]:
-    """Clean accuracy on the clean test set and ASR on the triggered non-target test images."""
+    """Clean accuracy on the clean test set; ASR and robust accuracy (RA: true class) on the triggered
+    non-target test images (NaN without an attack)."""
     out = {"clean_acc": M.accuracy(predict(model, ps.test_clean.x, device=device), ps.test_clean.y)}
-    out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device), ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
+    out["asr"] = out["ra"] = float("nan")
+    if len(ps.test_triggered):
+        pred = predict(model, ps.test_triggered.x, device=device)
+        out["asr"] = M.attack_success_rate(pred, ps.test_triggered.y)
+        out["ra"] = M.robust_accuracy(pred, ps.test_triggered_true)
     return out
 
 
@@ -218,6 +225,7 @@ def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run one cell and write ``metrics.json``, ``config.yaml`` and ``model.pt`` to the run dir."""
     t0 = time.time()
+    load_plugins(cfg.get("plugins"))
     out = prepare_run_dir(cfg)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     cell = prepare_cell(cfg, run_dir=out)
@@ -268,7 +276,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         if figs:
             metrics["figures"] = figs
     metrics["time_s"] = time.time() - t0
-    metrics["device"] = device_description(device)
+    metrics.update(provenance(device=device_description(device), input_shape=list(ps.train.image_shape),
+                              num_classes=ps.train.num_classes))
     metrics["run_dir"] = str(out)
     torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
     (out / "metrics.json").write_text(json.dumps(M.clean_json(metrics), indent=2))
