@@ -19,7 +19,7 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 _API = {
     "poison": "bdseal.api", "train_model": "bdseal.api", "defend": "bdseal.api", "evaluate": "bdseal.api",
     "load_run": "bdseal.api", "default_recipe": "bdseal.api", "PoisonedData": "bdseal.api",
-    "DefenderData": "bdseal.api", "RunRecord": "bdseal.api", "load_poisoned": "bdseal.attacks.export",
+    "DefenderData": "bdseal.api", "RunRecord": "bdseal.api", "load_poisoned": "bdseal.api", "save_poisoned": "bdseal.api",
     "DefenseResult": "bdseal.defenses", "WrappedClassifier": "bdseal.models.wrap", "as_classifier": "bdseal.models.wrap",
     "register_attack": "bdseal.attacks", "register_defense": "bdseal.defenses", "register_source": "bdseal.data.sources",
     "register_model": "bdseal.models", "register_config": "bdseal.registry", "Attack": "bdseal.attacks",

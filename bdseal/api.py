@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from bdseal.attacks import AttackContext, PoisonedSet, build_and_poison
 from bdseal.cache import ArtifactCache
 from bdseal.data import DataError, ImageDataset, make_dataset, split_holdout
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
+from bdseal.experiment.export import DefenderData, PoisonedData, load_poisoned, save_poisoned
 from bdseal.experiment.run import _clean_subset, clean_set, detection, resolve_device
 from bdseal.experiment.run import evaluate as _evaluate
 from bdseal.metrics import relabel_accuracy
@@ -40,38 +41,6 @@ log = logging.getLogger("bdseal")
 _CONF = Path(__file__).parent / "conf"
 
 ArrayLike = torch.Tensor | np.ndarray
-
-
-@dataclass
-class DefenderData:
-    """All a defense may see of a poisoned set: training images with *observed* labels, the held-out clean
-    pool, and the attack target only when the user grants it."""
-
-    train: ImageDataset
-    clean_pool: ImageDataset | None = None
-    known_target: int | None = None
-
-
-@dataclass
-class PoisonedData(PoisonedSet):
-    """A :class:`~bdseal.attacks.PoisonedSet` (``train``, ``oracle``, ``test_clean``, ``test_triggered``,
-    ``test_triggered_true``, ``plan``) plus the defender's clean pool (held out before poisoning) and
-    ``info``: what made it (attack, parameters, policy, seed; JSON-able)."""
-
-    clean_pool: ImageDataset = field(default_factory=lambda: ImageDataset(torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
-                                                                          torch.zeros(0, dtype=torch.long), ["0"]))
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def defender_data(self, target_known: bool = False) -> DefenderData:
-        """The defender's side: no oracle; the target only with ``target_known``."""
-        target = self.info.get("policy", {}).get("target") if target_known and self.info.get("attack", {}).get("name") != "none" else None
-        return DefenderData(self.train, self.clean_pool if len(self.clean_pool) else None, None if target is None else int(target))
-
-    def save(self, directory: str | Path) -> Path:
-        """Export as ``poisoned.npz`` + ``triggered_test.npz`` + ``manifest.json`` (``bdseal poison``'s format)."""
-        from bdseal.attacks.export import save_poisoned
-
-        return save_poisoned(self, self.clean_pool, directory, self.info)
 
 
 def _dataset(images: ArrayLike, labels: ArrayLike | Sequence[int], classes: Sequence[str] | None, what: str) -> ImageDataset:
@@ -286,6 +255,7 @@ def load_run(path: str | Path) -> RunRecord:
     into the architecture the config names (plugins in its ``plugins`` key are imported first)."""
     import json
 
+    from bdseal.io import load_model_state
     from bdseal.models import build_model
     from bdseal.registry import load_plugins
 
@@ -297,7 +267,7 @@ def load_run(path: str | Path) -> RunRecord:
     assert isinstance(cfg, dict)
     metrics = json.loads((p / "metrics.json").read_text())
     load_plugins(cfg.get("plugins"))
-    state = _load_state(p)
+    state, _ = load_model_state(p)
     shape = metrics.get("input_shape") or [int(state["normalize.mean"].shape[1]) if "normalize.mean" in state else 3, 32, 32]
     k = metrics.get("num_classes") or (int(state["head.weight"].shape[0]) if "head.weight" in state else None)
     if k is None:
@@ -310,18 +280,3 @@ def load_run(path: str | Path) -> RunRecord:
     except RuntimeError as e:
         raise ValueError(f"load_run: the weights in {p} do not fit model={model_cfg.get('name')}: {e}") from e
     return RunRecord(p, cfg, metrics, unwrap(model).eval())
-
-
-def _load_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    st = run_dir / "model.safetensors"
-    if st.exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
-    pt = run_dir / "model.pt"
-    if not pt.exists():
-        raise FileNotFoundError(f"load_run: {run_dir} has neither model.safetensors nor model.pt")
-    state = torch.load(pt, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"load_run: {pt} is not a state dict")
-    return state

@@ -1,6 +1,7 @@
 """``bdseal`` command line: thin — parse, then call ``bdseal.experiment``.
 
     bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
+    bdseal poison [key=value ...]     export a poisoned dataset (.npz + manifest) for other toolkits
     bdseal list                       attacks, defenses, datasets, models
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 # Commands that answer ``--help`` themselves (Hydra's app help for ``run``; ``probe`` prints its module doc).
-HELP_HANDLED_BY_COMMAND = frozenset({"run", "probe"})
+HELP_HANDLED_BY_COMMAND = frozenset({"run", "poison", "probe"})
 
 
 def subcommand(name: str, help_: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
@@ -32,6 +33,10 @@ def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> 
     """Run ``task(cfg)`` as a Hydra app over ``argv`` (overrides, ``-m``, ``--cfg job``...)."""
     import hydra
     from omegaconf import DictConfig
+
+    from bdseal.registry import preload_plugins
+
+    preload_plugins(argv)  # plugins=[...]: their attacks/defenses/... become selectable config choices
 
     @hydra.main(config_path="conf", config_name=config_name, version_base="1.3")
     def _app(cfg: DictConfig) -> None:
@@ -65,13 +70,27 @@ def cmd_run(argv: list[str]) -> int:
     return hydra_main(task, argv)
 
 
-@subcommand("list", "list the registered attacks, defenses, datasets and models")
+@subcommand("poison", "write a poisoned dataset (.npz + JSON manifest + triggered test set): bdseal poison attack=badnets out=DIR")
+def cmd_poison(argv: list[str]) -> int:
+    from bdseal.experiment.export import poison_main
+
+    def task(cfg):  # type: ignore[no-untyped-def]
+        manifest = poison_main(cfg)
+        print(f"poisoned set in {manifest.parent}: poisoned.npz, triggered_test.npz, manifest.json "
+              f"(train on it: bdseal run dataset=npz dataset.root={manifest.parent} attack=none)")
+
+    return hydra_main(task, argv)
+
+
+@subcommand("list", "list the registered attacks, defenses, datasets and models: bdseal list [plugins=[my_module]]")
 def cmd_list(argv: list[str]) -> int:
     from bdseal.attacks import list_attacks
     from bdseal.data import list_datasets
     from bdseal.defenses import list_defenses
     from bdseal.models import list_models
+    from bdseal.registry import load_plugins, plugin_overrides
 
+    load_plugins(plugin_overrides(argv))
     for title, names in (("datasets", list_datasets()), ("models", list_models()), ("attacks", list_attacks()), ("defenses", list_defenses())):
         print(f"{title}: {', '.join(names)}")
     return 0

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bdseal.errors import BdsealError
+
 
 ENTRY_POINT_GROUP = "bdseal.plugins"
 _ERRORS: dict[str, dict[str, str]] = {}
@@ -29,7 +31,7 @@ _ENTRY_POINTS_LOADED: list[str] = []
 _ENTRY_POINTS_STATE = {"done": False}
 
 
-class PluginError(ImportError):
+class PluginError(BdsealError, ImportError):
     """A plugin named in ``plugins=`` or a ``bdseal.plugins`` entry point could not be imported."""
 
 
@@ -72,17 +74,21 @@ def load_plugin(spec: str) -> ModuleType:
             del sys.modules[name]
             raise PluginError(f"plugins: {spec} failed to import: {type(e).__name__}: {e}") from e
         return module
-    try:
-        return importlib.import_module(spec)
-    except ModuleNotFoundError as e:
-        if e.name != spec.split(".")[0] or os.getcwd() in sys.path:
-            raise PluginError(f"plugins: {spec!r} failed to import: {e}") from e
-    sys.path.insert(0, os.getcwd())  # `bdseal` runs as a console script: the working directory is not on the path
-    try:
-        return importlib.import_module(spec)
-    except ModuleNotFoundError as e:
-        raise PluginError(f"plugins: no module {spec!r} (looked on sys.path and in {os.getcwd()}); install it, "
-                          "add its folder to PYTHONPATH or give the path of a .py file") from e
+    top = spec.split(".")[0]
+    for attempt in range(2):
+        try:
+            return importlib.import_module(spec)
+        except ModuleNotFoundError as e:
+            if e.name != top:
+                raise PluginError(f"plugins: {spec!r} failed to import: {e}") from e
+        except Exception as e:
+            raise PluginError(f"plugins: {spec!r} failed to import: {type(e).__name__}: {e}") from e
+        if attempt == 0 and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # `bdseal` runs as a console script: the working directory is not on the path
+        else:
+            break
+    raise PluginError(f"plugins: no module {spec!r} (looked on sys.path and in {os.getcwd()}); install it, "
+                      "add its folder to PYTHONPATH or give the path of a .py file")
 
 
 def load_plugins(specs: Iterable[str] | str | None = ()) -> list[ModuleType]:
@@ -152,3 +158,42 @@ def unknown_name_message(kind: str, name: str, known: list[str], errors: dict[st
     if errors:
         msg += "; modules that failed to import: " + "; ".join(f"{m} ({e})" for m, e in errors.items())
     return msg
+
+
+def register_missing_configs() -> list[str]:
+    """Give every registered attack, defense, dataset and model that has no config a template one
+    (:data:`CONFIG_TEMPLATES`), so ``attack=NAME`` works for plugins that registered no config."""
+    from bdseal.attacks.base import _ATTACKS
+    from bdseal.data.sources import SOURCES
+    from bdseal.defenses.base import _DEFENSES
+    from bdseal.models import MODELS
+
+    added = []
+    for group, names in (("attack", _ATTACKS), ("defense", _DEFENSES), ("dataset", SOURCES), ("model", MODELS)):
+        for name in list(names):
+            if not has_config(group, name):
+                register_config(group, name)
+                added.append(f"{group}/{name}")
+    return added
+
+
+def plugin_overrides(overrides: Iterable[str]) -> list[str]:
+    """The module specs of the ``plugins=[...]`` (or ``+plugins=``) items of Hydra command-line overrides."""
+    specs: list[str] = []
+    for item in overrides:
+        key, sep, _ = str(item).partition("=")
+        if not sep or key.lstrip("+~") != "plugins":
+            continue
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        value = OverridesParser.create().parse_overrides([str(item)])[0].value()
+        specs += [str(v) for v in value] if isinstance(value, (list, tuple)) else ([] if value is None else [str(value)])
+    return specs
+
+
+def preload_plugins(overrides: Iterable[str]) -> list[ModuleType]:
+    """Before Hydra composes a config: import the entry-point plugins and those named by ``plugins=`` in
+    ``overrides``, then give their registrations template configs (:func:`register_missing_configs`)."""
+    modules = load_plugins(plugin_overrides(overrides))
+    register_missing_configs()
+    return modules

@@ -208,6 +208,18 @@ def load_npz(path: str | os.PathLike, name: str = "npz") -> DataSplits:
     return _check_shared_shape(DataSplits(name, train, test))
 
 
+@register_source("npz")
+def load_npz_source(root: str | os.PathLike | None = None) -> DataSplits:
+    """``root``: an ``.npz`` with ``x_train, y_train, x_test, y_test`` (+ ``classes``), or a directory written
+    by ``bdseal poison`` (its ``poisoned.npz``: the poisoned images with their observed labels)."""
+    if root is None:
+        raise DataError("dataset=npz needs dataset.root=<file.npz or a bdseal poison directory>")
+    path = Path(root).expanduser()
+    if path.is_dir():
+        path = path / "poisoned.npz"
+    return load_npz(path, name="npz")
+
+
 # ---------------------------------------------------------------------------------------------
 # digits (embedded default) and synthetic
 # ---------------------------------------------------------------------------------------------
