@@ -122,6 +122,16 @@ class WrappedClassifier(nn.Module):
                                       "layer=<dotted name from named_modules()> (defense option)")
         return convs[-1]
 
+    def block_output_name(self) -> str:
+        """The last block of the last named layer (PGBD's block-output activation, REFERENCE "PGBD"): the
+        layer itself when its direct children include a convolution or it has none."""
+        last = self.layer_names[-1]
+        children = list(self.model.get_submodule(last).named_children())
+        if not children or any(isinstance(m, nn.Conv2d) for _, m in children):
+            return last
+        blocks = [n for n, m in children if _has_conv(m)]
+        return f"{last}.{blocks[-1]}" if blocks else last
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.normalize(x))
 

@@ -37,7 +37,7 @@ def test_defaults_for_a_torchvision_style_layout() -> None:
     m = WrappedClassifier(ResNetLike())
     assert m.head_name == "fc" and m.feature_dim == 8 and m.num_classes == 5
     assert m.layer_names == ["conv1", "layer1", "layer2", "layer3"]
-    assert m.last_conv_name() == "layer3.0"
+    assert m.last_conv_name() == "layer3.0" and m.block_output_name() == "layer3"
     x = torch.rand(2, 3, 8, 8)
     net = m.model.eval()
     expected = torch.flatten(net.avgpool(net.layer3(net.layer2(net.layer1(net.relu(net.bn1(net.conv1(x))))))), 1)
@@ -103,3 +103,19 @@ def test_registered_plain_module_is_wrapped_with_the_data_normalisation() -> Non
         assert unwrap(m) is m  # the normalisation is part of the model: not unwrapped
     finally:
         MODELS.pop("test_wrap_resnetlike", None)
+
+
+def test_block_output_is_the_last_block_of_the_last_layer() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.conv(x)
+
+    net = nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 4, 3, padding=1), layer1=nn.Sequential(Block(), Block()),
+                                    pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    m = WrappedClassifier(net)
+    assert m.layer_names == ["stem", "layer1"] and m.block_output_name() == "layer1.1"
+    assert m.last_conv_name() == "layer1.1.conv"

@@ -1,0 +1,5 @@
+import sys
+
+from bdseal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per trigger family; each registers its Attack subclass with ``@register_attack``."""

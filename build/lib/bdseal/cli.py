@@ -1,0 +1,183 @@
+"""``bdseal`` command line: thin — parse, then call ``bdseal.experiment``.
+
+    bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
+    bdseal poison [key=value ...]     export a poisoned dataset (.npz + manifest) for other toolkits
+    bdseal list                       attacks, defenses, datasets, models
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+# Commands that answer ``--help`` themselves (Hydra's app help for ``run``; ``probe`` prints its module doc).
+HELP_HANDLED_BY_COMMAND = frozenset({"run", "poison", "probe"})
+
+
+def subcommand(name: str, help_: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
+    def deco(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        SUBCOMMANDS[name] = (help_, fn)
+        return fn
+
+    return deco
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> int:
+    """Run ``task(cfg)`` as a Hydra app over ``argv`` (overrides, ``-m``, ``--cfg job``...)."""
+    import hydra
+    from omegaconf import DictConfig
+
+    from bdseal.registry import preload_plugins
+
+    preload_plugins(argv)  # plugins=[...]: their attacks/defenses/... become selectable config choices
+
+    @hydra.main(config_path="conf", config_name=config_name, version_base="1.3")
+    def _app(cfg: DictConfig) -> None:
+        _setup_logging()
+        task(cfg)
+
+    saved = sys.argv
+    sys.argv = [f"bdseal {config_name}", *argv]
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+@subcommand("run", "run one experiment cell: bdseal run dataset=digits attack=badnets defense=none seed=0 out=DIR")
+def cmd_run(argv: list[str]) -> int:
+    import json
+
+    from bdseal.experiment.run import run_experiment
+
+    def task(cfg):  # type: ignore[no-untyped-def]
+        metrics = run_experiment(cfg)
+        shown = {k: metrics[k] for k in ("dataset", "attack", "defense", "clean_acc", "asr", "time_s") if k in metrics}
+        for extra in ("baseline", "dem", "detection", "relabel_acc"):
+            if extra in metrics:
+                shown[extra] = metrics[extra]
+        print(json.dumps(shown, indent=1, default=str))
+        print(f"results in {metrics['run_dir']}/metrics.json")
+
+    return hydra_main(task, argv)
+
+
+@subcommand("poison", "write a poisoned dataset (.npz + JSON manifest + triggered test set): bdseal poison attack=badnets out=DIR")
+def cmd_poison(argv: list[str]) -> int:
+    from bdseal.experiment.export import poison_main
+
+    def task(cfg):  # type: ignore[no-untyped-def]
+        manifest = poison_main(cfg)
+        print(f"poisoned set in {manifest.parent}: poisoned.npz, triggered_test.npz, manifest.json "
+              f"(train on it: bdseal run dataset=npz dataset.root={manifest.parent} attack=none)")
+
+    return hydra_main(task, argv)
+
+
+@subcommand("list", "list the registered attacks, defenses, datasets and models: bdseal list [plugins=[my_module]]")
+def cmd_list(argv: list[str]) -> int:
+    from bdseal.attacks import list_attacks
+    from bdseal.data import list_datasets
+    from bdseal.defenses import list_defenses
+    from bdseal.models import list_models
+    from bdseal.registry import load_plugins, plugin_overrides
+
+    load_plugins(plugin_overrides(argv))
+    for title, names in (("datasets", list_datasets()), ("models", list_models()), ("attacks", list_attacks()), ("defenses", list_defenses())):
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+@subcommand("probe", "linear-probe a self-supervised backbone: bdseal probe dataset=digits ssl.kind=simclr ssl.epochs=5")
+def cmd_probe(argv: list[str]) -> int:
+    from bdseal.ssl.probe import probe_main
+
+    _setup_logging()
+    return probe_main(argv)
+
+
+@subcommand("bench", "run a matrix, resumable: bdseal bench bench=demo attacks=[none,badnets] seeds=[0,1] [dry_run=true] [ingest=DIR] [prune=true]")
+def cmd_bench(argv: list[str]) -> int:
+    """Options: bench=NAME (bdseal/conf/bench/NAME.yaml or a YAML path); matrix lists datasets=/attacks=/
+    defenses=/seeds=, out=DIR, keep_going=true, defense_overrides.NAME=[...] (likewise dataset_/attack_);
+    every other key=value is a Hydra override of all cells. Commands: dry_run=true (list the cells),
+    ingest=DIR (add finished run dirs to the store), prune=true (move rows of outdated configs to
+    stale.sqlite). Cells whose results are in the store are skipped."""
+    from bdseal.experiment import bench
+
+    _setup_logging()
+    spec, options = bench.parse_args(argv)
+    if options.get("ingest"):
+        roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]
+        print(f"ingested {bench.ingest(spec, [str(r) for r in roots])} finished run dirs into {spec.store_path}")
+        return 0
+    if options.get("prune"):
+        moved = bench.prune_stale(spec)
+        print(f"moved {len(moved)} rows of this matrix's cells with an outdated config to {spec.out}/{bench.STALE_NAME}")
+        return 0
+    res = bench.run_bench(spec, dry_run=bool(options.get("dry_run")))
+    print(f"bench {spec.name}: ran {len(res.ran)}, already done {len(res.skipped)}, failed {len(res.failed)}; store {res.store}")
+    for name in res.missing:
+        print(f"  skipped (not available): {name}")
+    for label, err in res.failed:
+        print(f"  FAILED {label}: {err}")
+    return 1 if res.failed else 0
+
+
+@subcommand("report", "tables (Markdown, CSV), plots and one HTML page from a results store: bdseal report BENCH_DIR [out=DIR]")
+def cmd_report(argv: list[str]) -> int:
+    """Options: BENCH_DIR (or a results.sqlite / .jsonl), out=DIR (default BENCH_DIR/report), title=TEXT."""
+    from bdseal.experiment.report import make_report
+
+    paths = [a for a in argv if "=" not in a]
+    opts = dict(a.split("=", 1) for a in argv if "=" in a)
+    res = make_report(paths[0] if paths else "bench", out=opts.get("out"), title=opts.get("title"))
+    print(f"report of {res['n_runs']} runs: {res['markdown']}, {res['html']}, {res['summary_csv']}, {len(res['plots'])} plots")
+    return 0
+
+
+@subcommand("bench-speed", "training-loop overhead vs a bare loop, and each defense's time vs plain training: bdseal bench-speed [out=FILE.json]")
+def cmd_bench_speed(argv: list[str]) -> int:
+    """Options: part=all|loop|defenses, device=auto|cpu|cuda, out=FILE.json, defenses=[a,b],
+    loop.model= loop.batch_size= loop.n= loop.image_size= loop.epochs= loop.repeats=; any other key=value
+    overrides the defense-timing cell (default: digits, BadNets, 60 images per class, 3 epochs)."""
+    import json
+
+    from bdseal.experiment import speed
+
+    _setup_logging()
+    res = speed.run_from_args(argv)
+    print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        for name, (help_, _) in SUBCOMMANDS.items():
+            print(f"  {name:10s} {help_}")
+        return 0
+    cmd = argv.pop(0) if argv and not ("=" in argv[0] or argv[0].startswith("-")) else "run"
+    if cmd not in SUBCOMMANDS:
+        print(f"bdseal: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    help_, fn = SUBCOMMANDS[cmd]
+    if cmd not in HELP_HANDLED_BY_COMMAND and any(a in ("-h", "--help") for a in argv):
+        print(f"bdseal {cmd}: {help_}")
+        if fn.__doc__:
+            print(inspect.cleandoc(fn.__doc__))
+        return 0
+    return fn(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiments: ``run`` wires one cell (data -> attack -> defense -> metrics -> run dir)."""

@@ -1,0 +1,63 @@
+"""Figures that need the ground truth, drawn by the experiment layer (defenses never see it).
+
+- Post-hoc defenses (PGBD Fig. 4): Grad-CAM of M_B vs the repaired model on triggered test images.
+- GSSD (Fig. 3): σ distribution of each flagged class, clean vs poisoned, from ``gssd_scores.pt``;
+  (Fig. 1, with ``figures.umap=true``): UMAP of the backbone features with poisoned samples in black.
+- PGRL: distribution of the final per-sample weights, clean vs poisoned, from ``pgrl_state.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bdseal.attacks import PoisonedSet
+from bdseal.defenses import DefenderView, DefenseResult, DefenseSpec, RunContext
+
+log = logging.getLogger("bdseal")
+
+
+def draw_ground_truth_figures(spec: DefenseSpec, defense_cfg: dict[str, Any], result: DefenseResult, ps: PoisonedSet,
+                              baseline_model: nn.Module | None, view: DefenderView, ctx: RunContext,
+                              umap: bool = False) -> list[str]:
+    """Write the figures that apply to this run into ``ctx.run_dir``; returns their file names."""
+    out = ctx.run_dir
+    assert out is not None
+    written: list[Path] = []
+    if spec.post_hoc and baseline_model is not None and len(ps.test_triggered):
+        from bdseal.defenses.pgbd.gradcam import save_gradcam_figure
+
+        written.append(save_gradcam_figure({"M_B": baseline_model, "M_C": result.model}, ps.test_triggered.x[:6].to(ctx.device),
+                                           out / "gradcam.png", layer=defense_cfg.get("layer")))
+    if (out / "gssd_scores.pt").exists():
+        written += _gssd_figures(out, ps, view, defense_cfg, ctx, umap)
+    if (out / "pgrl_state.pt").exists():
+        from bdseal.defenses.pgrl import plot_weight_distribution
+
+        weights = torch.load(out / "pgrl_state.pt", weights_only=False)["weights"]
+        written.append(Path(plot_weight_distribution(weights, poison_mask=ps.oracle.is_poison, path=out / "pgrl_weights.png")))
+    return [p.name for p in written]
+
+
+def _gssd_figures(out: Path, ps: PoisonedSet, view: DefenderView, defense_cfg: dict[str, Any], ctx: RunContext, umap: bool) -> list[Path]:
+    from bdseal.defenses.gssd import plots
+
+    d = torch.load(out / "gssd_scores.pt", weights_only=False)
+    written = []
+    for t in list(d["nd"]) + list(d["d"]):
+        m = d["labels"] == t
+        path = out / f"gssd_sigma_class{t}_gt.png"
+        plots.plot_sigma_distribution(d["pi"][m], poison_mask=ps.oracle.is_poison[m], title=f"class {t}: clean vs poisoned", path=path)
+        written.append(path)
+    if umap:
+        from bdseal.ssl import backbone_features
+
+        feats = backbone_features(view, defense_cfg["backbone"], ctx)  # cached by the defense's own call
+        path = out / "gssd_umap_gt.png"
+        plots.plot_umap(feats, view.y, poison_mask=ps.oracle.is_poison, path=path)
+        written.append(path)
+    return written

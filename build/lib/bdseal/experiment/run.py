@@ -1,0 +1,302 @@
+"""One experiment cell: load data, hold out the defender's clean pool, poison, defend, evaluate.
+
+This is the only place where the ``PoisonedSet`` is split into the ``DefenderView`` a defense sees and
+the ``Oracle`` that only ``bdseal.metrics`` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bdseal import metrics as M
+from bdseal.attacks import AttackContext, Oracle, PoisonedSet, build_attack, poison_dataset
+from bdseal.attacks.base import resolve_cover_rate
+from bdseal.cache import ArtifactCache, dataset_fingerprint
+from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
+from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
+from bdseal.errors import BdsealError
+from bdseal.models import build_model
+from bdseal.provenance import provenance
+from bdseal.registry import load_plugins
+from bdseal.train import TrainConfig, fit, predict
+
+log = logging.getLogger("bdseal")
+
+
+class RunDirError(BdsealError, FileExistsError):
+    """The run directory holds results the user did not ask to overwrite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but CUDA is not available")
+    return dev
+
+
+def device_description(dev: torch.device) -> str:
+    """What ran the cell, for metrics.json: ``cpu (N threads)`` or ``cuda:I (GPU name)``, plus torch's version."""
+    if dev.type == "cuda":
+        name = f"{dev.type}:{dev.index if dev.index is not None else torch.cuda.current_device()} ({torch.cuda.get_device_name(dev)})"
+    else:
+        name = f"{dev.type} ({torch.get_num_threads()} threads)"
+    return f"{name}, torch {torch.__version__}"
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    """``out`` or ``runs/<time>-<cell>``; refuses a non-empty directory unless ``overwrite=true``."""
+    if cfg.out:
+        out = Path(str(cfg.out))
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        out = Path("runs") / f"{stamp}-{cfg.dataset.name}-{cfg.attack.name}-{cfg.defense.name}-s{cfg.seed}"
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise RunDirError(f"run directory {out} is not empty; pass overwrite=true or choose another out=")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (``{}`` for null)."""
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def load_data(cfg: DictConfig) -> DataSplits:
+    """The dataset, optionally reduced to ``train_per_class`` / ``test_per_class`` images per class."""
+    d = cfg.dataset
+    splits = load_dataset(d.name, root=d.get("root"), **plain(d.get("options")))
+    if d.get("train_per_class"):
+        splits = DataSplits(splits.name, stratified_subsample(splits.train, d.train_per_class, seed=0), splits.test)
+    if d.get("test_per_class"):
+        splits = DataSplits(splits.name, splits.train, stratified_subsample(splits.test, d.test_per_class, seed=0))
+    return splits
+
+
+def attack_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The poisoning policy of ``cfg.attack``; ``cover_rate`` None (config null) = the attack's default."""
+    a = cfg.attack
+    cover = a.get("cover_rate")
+    return {
+        "rate": float(a.rate), "target": int(a.target), "mode": a.get("mode"), "cover_rate": None if cover is None else float(cover),
+        "rate_of": a.get("rate_of"), "source_classes": list(a.source_classes) if a.get("source_classes") else None,
+    }
+
+
+def poison(cfg: DictConfig, train: ImageDataset, test: ImageDataset, device: torch.device, cache: ArtifactCache, seed: int) -> PoisonedSet:
+    """The poisoned set, cached by (clean data, attack and its parameters, policy with the resolved
+    cover rate, seed)."""
+    a = cfg.attack
+    params = plain(a.get("params"))
+    if a.name == "none":
+        return clean_set(train, test)
+    attack = build_attack(a.name, seed=seed, **params)
+    policy = attack_kwargs(cfg)
+    policy["cover_rate"] = resolve_cover_rate(attack, policy["rate"], policy["cover_rate"])  # null -> attack default
+    parts = {"train": dataset_fingerprint(train), "test": dataset_fingerprint(test),
+             "attack": a.name, "params": params, "policy": policy, "seed": seed}
+
+    def compute() -> PoisonedSet:
+        return poison_dataset(train, test, attack, seed=seed, ctx=AttackContext(device, seed, cache, cfg.progress), **policy)
+
+    return cache.get_or_compute("poisoned", parts, compute)
+
+
+def clean_set(train: ImageDataset, test: ImageDataset) -> PoisonedSet:
+    """``attack=none``: the clean data with an all-false oracle and no triggered test set."""
+    from bdseal.attacks.plan import PoisonPlan
+
+    n, k = len(train), train.num_classes
+    empty = torch.empty(0, dtype=torch.long)
+    oracle = Oracle(torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), train.y.cpu().clone(),
+                    torch.full((k,), -1, dtype=torch.long), {"name": "none"})
+    plan = PoisonPlan(empty, empty, empty, oracle.target_map, "none", 0.0, "dataset")
+    no_trigger = ImageDataset(test.x[:0], test.y[:0], list(test.classes))
+    return PoisonedSet(train, oracle, test, no_trigger, test.y[:0].cpu(), plan)
+
+
+def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device) -> dict[str, float]:
+    """Clean accuracy on the clean test set; ASR and robust accuracy (RA: true class) on the triggered
+    non-target test images (NaN without an attack)."""
+    out = {"clean_acc": M.accuracy(predict(model, ps.test_clean.x, device=device), ps.test_clean.y)}
+    out["asr"] = out["ra"] = float("nan")
+    if len(ps.test_triggered):
+        pred = predict(model, ps.test_triggered.x, device=device)
+        out["asr"] = M.attack_success_rate(pred, ps.test_triggered.y)
+        out["ra"] = M.robust_accuracy(pred, ps.test_triggered_true)
+    return out
+
+
+def train_baseline(cfg: DictConfig, ctx: RunContext, view_train: ImageDataset) -> torch.nn.Module:
+    """The no-defense model on the poisoned data (the backdoored model M_B), cached by everything
+    that produced it."""
+    parts = {"data": dataset_fingerprint(view_train), "model": plain(cfg.model),
+             "train": asdict(ctx.train_cfg), "seed": ctx.seed}
+
+    def compute() -> dict[str, torch.Tensor]:
+        model = ctx.build_model()
+        fit(model, view_train.x, view_train.y, ctx.train_cfg, device=ctx.device, seed=ctx.seed, desc="baseline")
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    model = ctx.build_model()
+    model.load_state_dict(ctx.cache.get_or_compute("baseline", parts, compute))
+    return model.to(ctx.device).eval()
+
+
+def load_backdoored(path: str, make_model: Any, device: torch.device) -> torch.nn.Module:
+    """M_B from a file: a state dict (or a run dir's ``model.pt``) for the run's ``model=`` choice."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"backdoored_ckpt {p} does not exist")
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint written by train.fit
+    model = make_model()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"backdoored_ckpt {p} does not fit model={type(model).__name__}: {e}") from e
+    return model.to(device).eval()
+
+
+def defense_config(cfg: DictConfig) -> dict[str, Any]:
+    return dict(plain(cfg.defense))
+
+
+def detection(result: DefenseResult, oracle: Oracle) -> dict[str, float] | None:
+    if result.scores is None and result.flagged is None:
+        return None
+    return M.detection_metrics(oracle.is_poison, scores=result.scores, flagged=result.flagged)
+
+
+@dataclass
+class PreparedCell:
+    """What every defense of one cell starts from: the poisoned training set (+ oracle), the defender's
+    held-out clean pool and the run context (device, seeded model factory, training recipe, cache)."""
+
+    device: torch.device
+    seed: int
+    poisoned: PoisonedSet
+    defender_pool: ImageDataset
+    ctx: RunContext
+
+
+def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
+    """Data → defender hold-out (before poisoning) → poisoning (cached) → model factory and ``RunContext``:
+    the steps ``run_experiment`` and the detection-only scripts share."""
+    device = resolve_device(cfg.device)
+    seed = int(cfg.seed)
+    cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
+    splits = load_data(cfg)
+    train_pool, defender_pool, _, _ = split_holdout(splits.train, float(cfg.defender.holdout), seed=seed)
+    ps = poison(cfg, train_pool, splits.test, device, cache, seed)
+    mean, std = ps.train.channel_stats()
+    c, h, _ = ps.train.image_shape
+    model_params = plain(cfg.model.get("params"))
+
+    def make_model(num_classes: int | None = None) -> torch.nn.Module:
+        """A fresh model, initialised deterministically from the run's seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(cfg.model.name, num_classes or ps.train.num_classes, in_channels=c, image_size=h,
+                               mean=mean, std=std, **model_params)
+
+    train_cfg = TrainConfig.from_dict({**plain(cfg.train), "progress": bool(cfg.progress)})
+    ctx = RunContext(device=device, seed=seed, build_model=make_model, train_cfg=train_cfg, cache=cache, run_dir=run_dir,
+                     progress=bool(cfg.progress), log=log.info,
+                     cache_parts={"dataset": plain(cfg.dataset), "attack": plain(cfg.attack), "seed": seed})
+    return PreparedCell(device, seed, ps, defender_pool, ctx)
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """Run one cell and write ``metrics.json``, ``config.yaml`` and ``model.pt`` to the run dir."""
+    t0 = time.time()
+    load_plugins(cfg.get("plugins"))
+    out = prepare_run_dir(cfg)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    cell = prepare_cell(cfg, run_dir=out)
+    device, seed, ps, ctx = cell.device, cell.seed, cell.poisoned, cell.ctx
+    make_model, defender_pool = ctx.build_model, cell.defender_pool
+    spec = get_defense(cfg.defense.name)
+    want_baseline = cfg.baseline == "auto" and spec.name != "none" or cfg.baseline is True
+    baseline_model = None
+    if cfg.get("backdoored_ckpt"):
+        baseline_model = load_backdoored(str(cfg.backdoored_ckpt), make_model, device)
+    elif want_baseline or spec.post_hoc:
+        baseline_model = train_baseline(cfg, ctx, ps.train)
+    view = DefenderView(
+        train=ps.train,
+        clean=_clean_subset(defender_pool, cfg, seed) if spec.needs_clean else None,
+        backdoored_model=copy.deepcopy(baseline_model) if spec.post_hoc else None,
+        known_target=int(cfg.attack.target) if cfg.defender.target_known and cfg.attack.name != "none" else None,
+    )
+    log.info("defense %s on %s/%s (%d train, %d poisoned)", spec.name, cfg.dataset.name, cfg.attack.name, len(ps.train), int(ps.oracle.is_poison.sum()))
+    result = spec.fn(view, defense_config(cfg), ctx)
+    metrics: dict[str, Any] = {
+        "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
+        "seed": seed, "poison_rate": ps.poison_rate, "target": int(cfg.attack.target) if cfg.attack.name != "none" else None,
+        "n_train": len(ps.train), "n_poison": int(ps.oracle.is_poison.sum()), "n_cover": int(ps.oracle.is_cover.sum()),
+        **evaluate(result.model, ps, device),
+    }
+    if baseline_model is not None:
+        metrics["baseline"] = evaluate(baseline_model, ps, device)
+        b = metrics["baseline"]
+        if b["asr"] == b["asr"]:
+            metrics["dem"] = M.dem(b["clean_acc"], b["asr"], metrics["clean_acc"], metrics["asr"])
+    det = detection(result, ps.oracle)
+    if det is not None:
+        metrics["detection"] = det
+    if result.relabels is not None:
+        metrics.update(M.relabel_accuracy(result.relabels, ps.oracle.true_labels, ps.oracle.is_poison))
+    if result.relabel_history:
+        metrics["relabel_history"] = M.relabel_history_metrics(result.relabel_history, ps.train.y, ps.oracle.true_labels,
+                                                                ps.oracle.is_poison)
+        for row in metrics["relabel_history"]:
+            log.info("relabelling round (oracle view) %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    if result.extras:
+        metrics["extras"] = result.extras
+    if cfg.figures.enabled:
+        from bdseal.experiment.figures import draw_ground_truth_figures
+
+        figs = draw_ground_truth_figures(spec, defense_config(cfg), result, ps, baseline_model, view, ctx, umap=bool(cfg.figures.umap))
+        if figs:
+            metrics["figures"] = figs
+    metrics["time_s"] = time.time() - t0
+    metrics.update(provenance(device=device_description(device), input_shape=list(ps.train.image_shape),
+                              num_classes=ps.train.num_classes))
+    metrics["run_dir"] = str(out)
+    torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps(M.clean_json(metrics), indent=2))
+    return metrics
+
+
+def _clean_subset(pool: ImageDataset, cfg: DictConfig, seed: int) -> ImageDataset:
+    """The defender's clean subset from the held-out pool: ``defense.clean_per_class`` samples per class,
+    or ``defense.clean_fraction`` of the pool, or the whole pool."""
+    k = cfg.defense.get("clean_per_class")
+    frac = cfg.defense.get("clean_fraction")
+    if k:
+        try:
+            return per_class_subset(pool, k=int(k), seed=seed)[0]
+        except DataError as e:
+            raise DataError(
+                f"defense.clean_per_class={k} but the defender's clean pool (defender.holdout={cfg.defender.holdout} of "
+                f"the training split) is too small ({e}): raise defender.holdout or lower defense.clean_per_class") from e
+    if frac:
+        return per_class_subset(pool, fraction=float(frac), seed=seed)[0]
+    return pool

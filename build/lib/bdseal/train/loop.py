@@ -1,0 +1,290 @@
+"""The one supervised training loop.
+
+Data stays as uint8 tensors on the training device; each step gathers a batch, converts it to float,
+runs the batched on-device augmentation and a forward/backward pass (AMP bf16 + channels_last on
+CUDA). Defenses customise it through ``loss_fn(model, batch)`` (per-sample weights, extra views,
+auxiliary losses), ``extra_params`` (trainable non-model tensors, e.g. VIBE's prior) and ``hooks``
+(E-steps, weight updates, prototype refreshes). No per-sample Python loops.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bdseal.data.augment import build_augment
+from bdseal.train.schedule import lr_multiplier
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and augmentation of one training run (epochs or an iteration budget)."""
+
+    epochs: int = 10
+    steps: int | None = None  # iteration budget; overrides epochs when set
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: list[int] = field(default_factory=list)  # epochs, for step
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    augment: str = "crop_flip"
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True
+    drop_last: bool = False
+    train_mode: bool = True  # False keeps BN statistics and dropout frozen (PGBD fine-tunes in eval mode)
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> "TrainConfig":
+        return TrainConfig.from_dict({**asdict(self), **kw})
+
+
+@dataclass
+class Batch:
+    """One training step's data. ``x``: augmented float images; ``raw``: the uint8 images."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor  # positions in the training tensors given to ``fit``
+    weight: torch.Tensor | None
+    raw: torch.Tensor
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+    last_loss: float = float("nan")
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TrainHooks:
+    """Override what you need; every hook gets the live ``TrainState``."""
+
+    def on_epoch_start(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def weighted_cross_entropy(model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy, weighted per sample when ``batch.weight`` is set."""
+    losses = F.cross_entropy(model(batch.x), batch.y, reduction="none", label_smoothing=label_smoothing)
+    if batch.weight is None:
+        return losses.mean()
+    return (losses * batch.weight).sum() / batch.weight.numel()
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def _optimizer(params: list[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    weights: torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
+    extra_params: Sequence[dict[str, Any]] = (),
+    hooks: TrainHooks | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    desc: str = "train",
+) -> TrainState:
+    """Train ``model`` in place on uint8 images ``x`` (N, C, H, W) and labels ``y``.
+
+    ``weights`` (N,) are per-sample loss weights read every step (a hook may change them in place).
+    ``extra_params`` are extra optimiser param groups. ``checkpoint``: saved after every epoch;
+    with ``resume`` an existing checkpoint is loaded and training continues after its epoch.
+    Under ``torchrun`` (torch.distributed initialised) the model is wrapped in DDP and each rank
+    takes a disjoint shard of every epoch's permutation.
+    """
+    device = torch.device(device)
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"fit needs uint8 images (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise ValueError("fit got an empty training set")
+    seed_everything(seed)
+    rank, world = _distributed()
+    x, y = x.to(device), y.to(device)
+    w = None if weights is None else weights.to(device)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]}, *extra_params]
+    optimizer = _optimizer(params, cfg)
+    per_rank = len(x) // world
+    bs = cfg.batch_size
+    steps_per_epoch = max(1, per_rank // bs if cfg.drop_last and per_rank >= bs else -(-per_rank // bs))
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    epochs = -(-total // steps_per_epoch)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    mult = lr_multiplier(cfg.schedule, total, steps_per_epoch, cfg.milestones, cfg.gamma,
+                         int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio)
+    augment = build_augment(cfg.augment)
+    loss_fn = loss_fn or (lambda m, b: weighted_cross_entropy(m, b, cfg.label_smoothing))
+    hooks = hooks or TrainHooks()
+    state = TrainState(model, optimizer, total_steps=total)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    start_epoch = 0
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        start_epoch = _load_checkpoint(checkpoint, state, gen)
+    bar = tqdm(total=total, initial=state.step, desc=desc, disable=not cfg.progress or rank != 0,
+               leave=False, dynamic_ncols=True)
+    train_model.train(cfg.train_mode)
+    for epoch in range(start_epoch, epochs):
+        state.epoch = epoch
+        hooks.on_epoch_start(state)
+        perm = torch.randperm(len(x), generator=gen).to(device)
+        perm = perm[rank * per_rank : (rank + 1) * per_rank]
+        epoch_loss = torch.zeros((), device=device)
+        n_batches = 0
+        for s in range(steps_per_epoch):
+            if state.step >= total:
+                break
+            idx = perm[s * bs : (s + 1) * bs]
+            raw = x[idx]
+            xb = augment(raw.float().div_(255), generator=aug_gen)
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            batch = Batch(xb, y[idx], idx, None if w is None else w[idx], raw)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * mult(state.step)
+            with _autocast(device, cfg.amp):
+                loss = loss_fn(train_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            state.step += 1
+            epoch_loss += loss.detach()  # stays on the device: no host sync per step
+            n_batches += 1
+            bar.update(1)
+            if state.step % 25 == 0:
+                state.last_loss = float(loss.detach())
+                bar.set_postfix(epoch=epoch, loss=f"{state.last_loss:.3f}", refresh=False)
+            hooks.on_step_end(state)
+        state.last_loss = float(epoch_loss) / max(1, n_batches)
+        state.history.append({"epoch": epoch, "loss": state.last_loss})
+        hooks.on_epoch_end(state)
+        if checkpoint is not None and rank == 0:
+            _save_checkpoint(checkpoint, state, gen, epoch + 1)
+    bar.close()
+    model.eval()
+    return state
+
+
+def _save_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, next_epoch: int) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                "epoch": next_epoch, "step": state.step, "history": state.history,
+                "generator": gen.get_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator) -> int:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    state.model.load_state_dict(ck["model"])
+    state.optimizer.load_state_dict(ck["optimizer"])
+    state.step, state.history = ck["step"], ck["history"]
+    gen.set_state(ck["generator"])
+    return int(ck["epoch"])
+
+
+@torch.no_grad()
+def batched_eval(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor, *,
+                 device: torch.device | str = "cpu", batch_size: int = 512, amp: bool = True) -> torch.Tensor:
+    """``fn(batch)`` over images ``x`` (uint8, or float in [0, 1]) with ``model`` in eval mode, batched on
+    ``device`` (bf16 autocast on CUDA when ``amp``); float32 CPU outputs concatenated along dim 0. The one
+    inference loop behind predictions, SSL features, PGRL features and PGBD activations."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    out = []
+    try:
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size].to(device)
+            xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+            with _autocast(device, amp):
+                out.append(fn(xb).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, K) of uint8 images, in eval mode, batched on ``device``; returned on CPU."""
+    return batched_eval(model, model, x, device=device, batch_size=batch_size)
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels (N,) of uint8 images."""
+    return predict_logits(model, x, device=device, batch_size=batch_size).argmax(dim=1)
