@@ -74,6 +74,7 @@ def test_wheel_installs_in_a_fresh_venv_without_transformers(tmp_path: Path) -> 
         if not entry.name.lower().startswith(EXCLUDED) and not entry.name.endswith(".pth"):
             (deps / entry.name).symlink_to(entry)
     (site / "host_deps.pth").write_text(f"{deps}\n")
+    _run(py, "-m", "pip", "uninstall", "-y", "-q", "setuptools")  # ensurepip's old copy would shadow the host's
     _run(py, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     out = _run(py, "-c", CHECK, tmp_path / "fake_fm", cwd=tmp_path, env=env).stdout

@@ -1,5 +1,0 @@
-import sys
-
-from bdseal.cli import main
-
-sys.exit(main())

@@ -1,1 +1,0 @@
-"""One module per trigger family; each registers its Attack subclass with ``@register_attack``."""

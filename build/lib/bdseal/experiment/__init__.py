@@ -1,1 +1,0 @@
-"""Experiments: ``run`` wires one cell (data -> attack -> defense -> metrics -> run dir)."""
