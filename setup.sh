@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev,cluster]' -c constraints.txt
+.venv/bin/python -m pip install -q -e '.[dev,cluster,fm]' -c constraints.txt
 if [ "${1:-}" != "--no-run" ]; then
   .venv/bin/bdseal demo
 fi

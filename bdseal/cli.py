@@ -2,6 +2,7 @@
 
     bdseal demo                       the quick start: an attack, defenses against it, one comparison table
     bdseal run [key=value ...]        one cell (Hydra overrides; ``-m`` sweeps, launcher plugins)
+    bdseal poison [key=value ...]     export a poisoned dataset (.npz + manifest) for other toolkits
     bdseal list                       datasets, models, attacks, defenses (threat model), bench configs
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 # Commands that answer ``--help`` themselves (Hydra's app help for ``run``; ``probe`` prints its module doc).
-HELP_HANDLED_BY_COMMAND = frozenset({"run", "probe"})
+HELP_HANDLED_BY_COMMAND = frozenset({"run", "poison", "probe"})
 
 
 def subcommand(name: str, help_: str) -> Callable[[Callable[[list[str]], int]], Callable[[list[str]], int]]:
@@ -37,6 +38,9 @@ def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> 
     from bdseal.errors import BdsealError
 
     caught: list[BaseException] = []
+    from bdseal.registry import preload_plugins
+
+    preload_plugins(argv)  # plugins=[...]: their attacks/defenses/... become selectable config choices
 
     @hydra.main(config_path="conf", config_name=config_name, version_base="1.3")
     def _app(cfg: DictConfig) -> None:
@@ -93,9 +97,24 @@ def cmd_run(argv: list[str]) -> int:
     return hydra_main(task, argv)
 
 
+@subcommand("poison", "write a poisoned dataset (.npz + JSON manifest + triggered test set): bdseal poison attack=badnets out=DIR")
+def cmd_poison(argv: list[str]) -> int:
+    from bdseal.experiment.export import poison_main
+
+    def task(cfg):  # type: ignore[no-untyped-def]
+        manifest = poison_main(cfg)
+        print(f"poisoned set in {manifest.parent}: poisoned.npz, triggered_test.npz, manifest.json "
+              f"(train on it: bdseal run dataset=npz dataset.root={manifest.parent} attack=none)")
+
+    return hydra_main(task, argv)
+
+
 @subcommand("list", "datasets, models, attacks (+ each paper's presets), defenses with their threat model, bench configs")
 def cmd_list(argv: list[str]) -> int:
     from bdseal.experiment.catalog import render
+    from bdseal.registry import load_plugins, plugin_overrides
+
+    load_plugins(plugin_overrides(argv))
 
     print(render(), end="")
     return 0

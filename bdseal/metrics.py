@@ -3,6 +3,8 @@
 - ACC: fraction of clean test images classified correctly.
 - ASR: fraction of triggered test images, whose true class is *not* mapped to itself, classified as
   their attack label (all-to-one: the target; all-to-all: the mapped label y -> (y+1) mod K).
+- RA (robust accuracy): fraction of the same triggered test images classified as their *true* class
+  (BackdoorBench's RA; ASR + RA <= 1, the rest went to other classes).
 - DEM Γ: PGBD Eq. 5-6 (REFERENCE.md: Γ = ½·min(1, CA_D/CA_P) + ½·max(0, (ASR_P − ASR_D)/ASR_P)).
 - Detection: TPR/FPR of a boolean flag against ``is_poison`` and AUROC of per-sample suspicion scores.
 - Relabel accuracy: of the poisoned samples a defense relabelled, the fraction whose new label is the
@@ -35,6 +37,11 @@ def attack_success_rate(pred_triggered: torch.Tensor, attack_labels: torch.Tenso
     """ASR over triggered test images already restricted to those whose true label differs from the
     attack label; ``attack_labels`` is the target (all-to-one) or the mapped label (all-to-all)."""
     return accuracy(pred_triggered, attack_labels)
+
+
+def robust_accuracy(pred_triggered: torch.Tensor, true_labels: torch.Tensor) -> float:
+    """RA: fraction of the triggered test images (the ASR set) classified as their true class."""
+    return accuracy(pred_triggered, true_labels)
 
 
 def dem(ca_poisoned: float, asr_poisoned: float, ca_defended: float, asr_defended: float) -> float:
@@ -124,12 +131,23 @@ def relabel_history_metrics(history: list[tuple[int, torch.Tensor]], observed: t
     return rows
 
 
-def clean_json(value: object) -> object:
-    """Replace NaN/inf by None recursively so metrics.json is strict JSON."""
+def round_float(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits: float32 artefacts go (0.10000000149 -> 0.1) while
+    accuracies on 10^6 test images keep their last digit."""
+    return float(f"{value:.{digits}g}")
+
+
+def clean_json(value: object, digits: int | None = 6) -> object:
+    """Replace NaN/inf by None recursively so metrics.json is strict JSON; round other floats to ``digits``
+    significant digits (None: keep them as they are)."""
+    if isinstance(value, bool):
+        return value
     if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
+        if math.isnan(value) or math.isinf(value):
+            return None
+        return round_float(value, digits) if digits else value
     if isinstance(value, dict):
-        return {k: clean_json(v) for k, v in value.items()}
+        return {k: clean_json(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
+        return [clean_json(v, digits) for v in value]
     return value

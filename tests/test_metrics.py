@@ -61,3 +61,17 @@ def test_relabel_history_metrics_hand_case():
     assert rows[0] == {"step": 0, "agree_observed": 1.0, "agree_true": 0.5, "poison_relabelled": 0.0, "poison_to_true": 0.0}
     assert rows[1]["agree_observed"] == 0.8 and rows[1]["agree_true"] == 0.8
     assert rows[1]["poison_relabelled"] == 0.5 and rows[1]["poison_to_true"] == 0.5
+
+
+def test_robust_accuracy_hand_case():
+    pred = torch.tensor([0, 0, 2, 3, 1])
+    true = torch.tensor([1, 2, 2, 3, 4])  # triggered images' true classes; target 0
+    assert M.robust_accuracy(pred, true) == pytest.approx(0.4)
+    assert M.attack_success_rate(pred, torch.zeros(5, dtype=torch.long)) == pytest.approx(0.4)
+
+
+def test_clean_json_rounds_to_six_significant_digits():
+    f32 = float(torch.tensor(0.1, dtype=torch.float32))  # 0.10000000149011612
+    out = M.clean_json({"rate": f32, "acc": 2 / 3, "big": 123456789.0, "n": 7, "ok": True, "l": [f32]})
+    assert out == {"rate": 0.1, "acc": 0.666667, "big": 123457000.0, "n": 7, "ok": True, "l": [0.1]}
+    assert M.clean_json(2 / 3, digits=None) == 2 / 3

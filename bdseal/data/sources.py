@@ -60,14 +60,17 @@ def register_source(name: str) -> Callable[[Callable[..., DataSplits]], Callable
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`."""
+    """Names accepted by :func:`load_dataset` (built-in sources and plugins)."""
+    from bdseal.registry import load_entry_point_plugins
+
+    load_entry_point_plugins()
     return sorted(SOURCES)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> DataSplits:
     """Load dataset ``name`` (see :func:`list_datasets`) as uint8 NCHW train/test splits."""
     key = str(name).lower()
-    if key not in SOURCES:
+    if key not in SOURCES and key not in list_datasets():
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
     fn = SOURCES[key]
     try:
@@ -210,6 +213,18 @@ def load_npz(path: str | os.PathLike, name: str = "npz") -> DataSplits:
     train = make_dataset(arrays["x_train"], arrays["y_train"], classes, what=f"{name} train ({path})")
     test = make_dataset(arrays["x_test"], arrays["y_test"], classes, what=f"{name} test ({path})")
     return _check_shared_shape(DataSplits(name, train, test))
+
+
+@register_source("npz")
+def load_npz_source(root: str | os.PathLike | None = None) -> DataSplits:
+    """``root``: an ``.npz`` with ``x_train, y_train, x_test, y_test`` (+ ``classes``), or a directory written
+    by ``bdseal poison`` (its ``poisoned.npz``: the poisoned images with their observed labels)."""
+    if root is None:
+        raise DataError("dataset=npz needs dataset.root=<file.npz or a bdseal poison directory>")
+    path = Path(root).expanduser()
+    if path.is_dir():
+        path = path / "poisoned.npz"
+    return load_npz(path, name="npz")
 
 
 # ---------------------------------------------------------------------------------------------

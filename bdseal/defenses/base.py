@@ -18,6 +18,7 @@ from torch import nn
 from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data.dataset import ImageDataset
 from bdseal.errors import BdsealError, ConfigError
+from bdseal.models.wrap import as_classifier
 from bdseal.registry import import_plugins, unknown_name_message
 from bdseal.train.loop import TrainConfig
 
@@ -53,9 +54,11 @@ class DefenderView:
         return self.clean
 
     def require_model(self, who: str) -> nn.Module:
+        """The backdoored model with the defense interface (``features``, ``forward_with``, named layers):
+        a plain ``nn.Module`` comes back wrapped (``bdseal.models.wrap``), sharing its parameters."""
         if self.backdoored_model is None:
             raise ThreatModelError(f"{who} needs the backdoored model (post-hoc setting)")
-        return self.backdoored_model
+        return as_classifier(self.backdoored_model)
 
     def data_fingerprint(self) -> str:
         """Hash of what the defender holds (images + observed labels): a cache key part. Cheap after the

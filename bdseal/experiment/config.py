@@ -9,6 +9,9 @@ from omegaconf import DictConfig
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """The same configuration ``bdseal run OVERRIDES`` would get."""
+    """The same configuration ``bdseal run OVERRIDES`` would get (plugins named in them imported first)."""
+    from bdseal.registry import preload_plugins
+
+    preload_plugins(overrides)
     with initialize_config_module("bdseal.conf", version_base="1.3"):
         return compose(config_name, overrides=list(overrides))

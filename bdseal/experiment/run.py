@@ -33,6 +33,8 @@ from bdseal.errors import BdsealError, ConfigError, TrainingDivergedError
 from bdseal.experiment.validate import check_per_class, validate_run_config
 from bdseal.io import CorruptFileError, atomic_write_json, load_model_state, save_model
 from bdseal.models import build_model
+from bdseal.provenance import provenance
+from bdseal.registry import load_plugins
 from bdseal.train import TrainConfig, fit, predict
 
 log = logging.getLogger("bdseal")
@@ -177,13 +179,16 @@ def clean_set(train: ImageDataset, test: ImageDataset) -> PoisonedSet:
 
 def evaluate(model: torch.nn.Module, ps: PoisonedSet, device: torch.device, tta_flip: bool = False) -> dict[str, float]:
     """Clean accuracy on the clean test set (all of it, and without the target classes' images:
-    ``clean_acc_nontarget``, PGBD's CA) and ASR on the triggered non-target test images
-    (``tta_flip``: the fast recipe's test-time flip)."""
+    ``clean_acc_nontarget``, PGBD's CA); ASR and robust accuracy (RA: true class) on the triggered
+    non-target test images (NaN without an attack). ``tta_flip``: the fast recipe's test-time flip."""
     pred = predict(model, ps.test_clean.x, device=device, tta_flip=tta_flip)
     out = {"clean_acc": M.accuracy(pred, ps.test_clean.y),
            "clean_acc_nontarget": M.nontarget_accuracy(pred, ps.test_clean.y, ps.oracle.target_classes)}
-    out["asr"] = M.attack_success_rate(predict(model, ps.test_triggered.x, device=device, tta_flip=tta_flip),
-                                       ps.test_triggered.y) if len(ps.test_triggered) else float("nan")
+    out["asr"] = out["ra"] = float("nan")
+    if len(ps.test_triggered):
+        pred = predict(model, ps.test_triggered.x, device=device, tta_flip=tta_flip)
+        out["asr"] = M.attack_success_rate(pred, ps.test_triggered.y)
+        out["ra"] = M.robust_accuracy(pred, ps.test_triggered_true)
     return out
 
 
@@ -299,6 +304,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     to the run dir. The config is validated first; the directory appears only when the run succeeded
     (:func:`staged_run_dir`)."""
     t0 = time.time()
+    load_plugins(cfg.get("plugins"))
     validate_run_config(cfg)
     model_from_checkpoint(cfg)
     final = prepare_run_dir(cfg)
@@ -371,7 +377,8 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
         if figs:
             metrics["figures"] = figs
     metrics["time_s"] = time.time() - t0
-    metrics["device"] = device_description(device)
+    metrics.update(provenance(device=device_description(device), input_shape=list(ps.train.image_shape),
+                              num_classes=ps.train.num_classes))
     save_model(out, result.model, {"arch": cfg.model.name, "model_params": plain(cfg.model.get("params")),
                                    "dataset": cfg.dataset.name, "attack": cfg.attack.name, "defense": spec.name, "seed": seed})
     return metrics

@@ -36,8 +36,9 @@ log = logging.getLogger("bdseal.bench")
 
 STORE_FILE_NAMES = ("results.sqlite",)  # what ``bdseal report DIR`` looks for in a bench directory
 
-# Keys of the run config that change where or how verbosely a cell runs, never its results.
-VOLATILE_KEYS = ("out", "progress", "overwrite", "cache", "cache_dir")
+# Keys of the run config that change where or how verbosely a cell runs, never its results (``plugins``
+# says where the code of a named attack/defense/... comes from; the names themselves are in the cell).
+VOLATILE_KEYS = ("out", "progress", "overwrite", "cache", "cache_dir", "plugins")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -230,9 +231,39 @@ class ResultStore:
                               "FROM runs ORDER BY dataset, attack, defense, seed")
             return [Row(h, d, m, a, df, s, json.loads(c), json.loads(mt), rd) for h, d, m, a, df, s, c, mt, rd in cur]
 
+    def to_dataframe(self) -> Any:
+        """A ``pandas.DataFrame``, one row per cell: ``config_hash, dataset, model, attack, defense, seed,
+        run_dir`` and every metric, nested ones flattened with dots (``baseline.asr``, ``detection.auroc``);
+        lists (loss histories) stay lists. Needs pandas (``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("ResultStore.to_dataframe needs pandas: pip install pandas (or bdseal[dev])") from e
+        records = []
+        for r in self.rows():
+            rec: dict[str, Any] = {"config_hash": r.config_hash, "dataset": r.dataset, "model": r.model, "attack": r.attack,
+                                   "defense": r.defense, "seed": r.seed, "run_dir": r.run_dir}
+            for k, v in flatten(r.metrics).items():
+                rec.setdefault(k, v)
+            records.append(rec)
+        return pd.DataFrame.from_records(records, columns=None if records else
+                                         ["config_hash", "dataset", "model", "attack", "defense", "seed", "run_dir"])
+
     def __len__(self) -> int:
         with self._connect() as con:
             return int(con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys (``{"baseline": {"asr": 1}}`` -> ``{"baseline.asr": 1}``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
 
 
 def row_from_run_dir(run_dir: str | Path) -> Row | None:

@@ -21,6 +21,7 @@ channel, i.e. [0, 1] -> [-2, 2]).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from .preact import PreActResNet, preact_resnet18
 from .resnet import ResNet, resnet18, resnet50
 from .small import SmallCNN, small, small_half
 from .vgg import VGG, vgg16
+from .wrap import ModelInterfaceError, WrappedClassifier, as_classifier, is_classifier, unwrap
 
 from bdseal.errors import ConfigError
 
@@ -69,8 +71,40 @@ MODELS: dict[str, ModelBuilder] = {
 }
 
 
+def register_model(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a model builder under ``name`` (plugins). The builder is called with those of
+    ``num_classes, in_channels, image_size, mean, std`` (+ the config's ``model.params``) that its signature
+    accepts; a plain ``nn.Module`` it returns is wrapped (:class:`WrappedClassifier`), normalising inputs
+    with the data's ``mean``/``std`` when the builder does not take them."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in MODELS and getattr(MODELS[name], "__wrapped__", None) is not fn:
+            raise ValueError(f"model {name!r} registered twice")
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+        def build(num_classes: int, in_channels: int, image_size: int, mean: Sequence[float], std: Sequence[float],
+                  **kwargs: Any) -> Any:
+            given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size, "mean": mean, "std": std}
+            model = fn(**{k: v for k, v in given.items() if takes_all or k in params}, **kwargs)
+            if is_classifier(model):
+                return model
+            normalise = not (takes_all or "mean" in params)
+            return WrappedClassifier(model, mean=mean if normalise else None, std=std if normalise else None)
+
+        build.__wrapped__ = fn  # type: ignore[attr-defined]
+        build.__doc__ = fn.__doc__
+        MODELS[name] = build
+        return fn
+
+    return deco
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
+    from bdseal.registry import load_entry_point_plugins
+
+    load_entry_point_plugins()
     return list(MODELS)
 
 
@@ -103,18 +137,27 @@ def build_model(
     ``mean``/``std`` are per-channel normalisation stats (a scalar or 1-tuple is broadcast);
     ``kwargs`` go to the architecture (e.g. ``width=16`` for a thin ResNet-18).
     """
+    if name not in MODELS:
+        list_models()  # loads entry-point plugins
     try:
         builder = MODELS[name]
     except KeyError:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     mean_t = _stats(mean, DEFAULT_MEAN, in_channels, "mean")
     std_t = _stats(std, DEFAULT_STD, in_channels, "std")
-    return builder(num_classes, in_channels, image_size, mean_t, std_t, **kwargs)
+    model = builder(num_classes, in_channels, image_size, mean_t, std_t, **kwargs)
+    return model if is_classifier(model) else WrappedClassifier(model)
 
 
 __all__ = [
     "MODELS",
     "DenseNet",
+    "ModelInterfaceError",
+    "WrappedClassifier",
+    "as_classifier",
+    "is_classifier",
+    "register_model",
+    "unwrap",
     "Normalize",
     "PreActResNet",
     "ResNet",

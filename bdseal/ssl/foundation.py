@@ -92,7 +92,11 @@ def load_foundation(path: str | Path, device: torch.device | str = "cpu", image_
     ``image_size`` overrides the resize target (default: the checkpoint config's ``image_size``;
     VIBE uses 224). Raises ``FileNotFoundError`` for a missing directory — no download is attempted.
     """
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel
+    try:
+        from transformers import AutoConfig, AutoModel, CLIPVisionModel
+    except ImportError as e:
+        raise ImportError("foundation backbones need the transformers package: pip install 'bdseal[fm]' "
+                          f"(or pip install transformers); import failed: {e}") from e
 
     path = Path(path)
     if not (path / "config.json").exists():
