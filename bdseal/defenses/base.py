@@ -81,7 +81,10 @@ class RunContext:
 class DefenseResult:
     """``model``: the defended classifier. ``scores`` (N,): per-sample suspicion, higher = more likely
     poisoned. ``flagged`` (N,) bool: the defense's own poisoned/clean decision. ``relabels`` (N,):
-    new label per sample, −1 where not relabelled. ``extras``: defense-specific facts (JSON-able).
+    new label per sample, −1 where not relabelled. ``kept`` (N,) bool: for defenses that retrain on a
+    filtered set (GSSD's D̂_C), the samples the final model was trained on under their observed labels;
+    metrics count the poisons left in it and the samples neither kept nor flagged (uncertain).
+    ``extras``: defense-specific facts (JSON-able).
     Tensors the experiment layer should plot against the ground truth go to files in ``ctx.run_dir``
     (``gssd_scores.pt``, ``pgrl_state.pt``), read by ``bdseal.experiment.figures``. ``relabel_history``:
     for iterative relabelling defenses (VIBE's E-steps), ``(step, (N,) labels)`` after each round, −1 where
@@ -91,6 +94,7 @@ class DefenseResult:
     scores: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     relabels: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     relabel_history: list[tuple[int, torch.Tensor]] | None = None
 

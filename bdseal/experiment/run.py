@@ -171,9 +171,9 @@ def defense_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def detection(result: DefenseResult, oracle: Oracle) -> dict[str, float] | None:
-    if result.scores is None and result.flagged is None:
+    if result.scores is None and result.flagged is None and result.kept is None:
         return None
-    return M.detection_metrics(oracle.is_poison, scores=result.scores, flagged=result.flagged)
+    return M.detection_metrics(oracle.is_poison, scores=result.scores, flagged=result.flagged, kept=result.kept)
 
 
 @dataclass

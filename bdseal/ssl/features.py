@@ -34,10 +34,11 @@ _LOOP_KEYS = {f.name for f in fields(SSLTrainConfig)} - {"progress"}
 _ARCH = {"arch": "resnet18", "arch_params": {}}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # GSSD facts [V]: ResNet-18, projector 512→512→128, τ 0.5, batch 256, Adam 3e-4, strong jitter.
-    # The paper trains 100 epochs; the CPU default is a few.
-    "simclr": {**_ARCH, "epochs": 5, "batch_size": 256, "optimizer": "adam", "lr": 3e-4, "weight_decay": 1e-6,
+    # GSSD facts [V]: ResNet-18, projector 512→512→128 without BN, τ 0.5, batch 256, Adam 3e-4 without weight
+    # decay, strong jitter. The paper trains 100 epochs; the CPU default is a few.
+    "simclr": {**_ARCH, "epochs": 5, "batch_size": 256, "optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0,
                "schedule": "constant", "warmup_epochs": 0.0, "temperature": 0.5, "proj_hidden": 512, "proj_dim": 128,
+               "proj_bn": False,
                "crop_scale": [0.08, 1.0], "jitter": [0.8, 0.8, 0.8, 0.2], "p_jitter": 0.8, "p_gray": 0.2,
                "momentum": 0.9, "amp": True, "channels_last": True},
     # BYOL in solo-learn's spirit; Adam (LARS is not in torch) with a cosine schedule and warm-up.
@@ -74,7 +75,7 @@ def _encoder(view: DefenderView, cfg: dict[str, Any]) -> nn.Module:
 def _ssl_method(encoder: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     d = int(encoder.feature_dim)
     if cfg["kind"] == "simclr":
-        return SimCLR(encoder, d, cfg["proj_hidden"], cfg["proj_dim"], cfg["temperature"])
+        return SimCLR(encoder, d, cfg["proj_hidden"], cfg["proj_dim"], cfg["temperature"], proj_bn=bool(cfg["proj_bn"]))
     return BYOL(encoder, d, cfg["proj_hidden"], cfg["proj_dim"], cfg["pred_hidden"], cfg["ema_base"])
 
 

@@ -30,7 +30,8 @@ def test_vibe_frozen_foundation_path(tmp_path: Path) -> None:
     m = run_experiment(compose_config([*TINY, "defense=vibe_fm_a", f"defense.fm.checkpoint={tmp_path / 'dino'}",
                                        "defense.fm.image_size=28", f"out={tmp_path / 'r'}", "progress=false", "cache=false"]))
     ex = m["extras"]
-    assert ex["variant"] == {"backbone": "fm", "corruption": "class", "freeze": True, "freeze_mu_y": True, "leiden": False}
+    assert ex["variant"] == {"backbone": "fm", "corruption": "class", "freeze": True, "freeze_mu_y": True, "leiden": False,
+                            "normalize_features": True}  # FM: unit-norm features as the authors' reloaded cache
     assert "leiden" not in ex and ex["n_kept"] == m["n_train"]
     assert [e["step"] for e in ex["e_steps"]] == [0, 5, 10, 12]
     assert all(0 <= e["agree_observed"] <= 1 for e in ex["e_steps"])

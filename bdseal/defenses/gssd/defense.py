@@ -122,8 +122,9 @@ def analyse(logp: torch.Tensor, labels: torch.Tensor, classes: list[int], c: dic
     }
 
 
-def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Algorithm 1 lines 6-8 (or a Table 4 variant): fit a fresh model, then fine-tune on D̂'_P."""
+def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext) -> tuple[torch.nn.Module, dict[str, Any], torch.Tensor]:
+    """Algorithm 1 lines 6-8 (or a Table 4 variant): fit a fresh model, then fine-tune on D̂'_P. Also returns
+    the mask of samples trained on under their observed labels (D̂_C; everything for ``original_then_finetune``)."""
     tc = ctx.train_cfg.replace(**dict(c.get("train") or {}))
     ft = tc.replace(**c["finetune"])
     rel = split.relabels >= 0
@@ -146,7 +147,7 @@ def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext
         ridx = rel.nonzero().squeeze(1).cpu()
         fit(model, x[ridx], y_rel[ridx], ft, device=ctx.device, seed=ctx.seed + 1, desc="gssd fine-tune")
         info["finetuned_on"] = len(ridx)
-    return model, info
+    return model, info, split.clean.clone() if mode != "original_then_finetune" else torch.ones_like(split.clean)
 
 
 @dataclass
@@ -206,12 +207,12 @@ def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseR
         split = Split(torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool),
                       torch.full((n,), -1, dtype=torch.long))
         ctx.log("gssd: no class flagged as poisoned — training normally on the whole training set")
-    model, info = retrain(view, split, c, ctx)
+    model, info, kept = retrain(view, split, c, ctx)
     extras = _extras(a, classes, det.skipped, split, c, det.nll, info)
     if ctx.run_dir is not None:
         _save_outputs(ctx, c, a, labels, classes, det.features)
     return DefenseResult(model, scores=a["pi"].float(), flagged=split.poisoned.clone(), relabels=split.relabels.clone(),
-                         extras=extras)
+                         kept=kept, extras=extras)
 
 
 def _extras(a: dict[str, Any], classes: list[int], skipped: list[int], split: Split, c: dict[str, Any],
