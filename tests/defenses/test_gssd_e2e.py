@@ -23,6 +23,11 @@ def test_gssd_fast_path_outputs(tmp_path):
     assert len(ex["s_nd"]) == 10 and ex["nd_rule"] == "loo" and len(ex["s_nd_loo_z"]) == 10
     assert sum(ex["split"][k] for k in ("clean", "poisoned", "uncertain")) == m["n_train"]
     assert "auroc" in m["detection"] and "relabel_acc" in m
+    det = m["detection"]  # the split's poison counts, computed by metrics from the returned masks
+    assert det["kept"] == ex["split"]["clean"] and det["uncertain"] == ex["split"]["uncertain"]
+    assert det["flagged"] == ex["split"]["poisoned"]
+    assert det["flagged_poison"] + det["poison_kept"] + det["uncertain_poison"] == m["n_poison"]
+    assert det["removal_tpr"] == pytest.approx(1 - det["poison_kept"] / m["n_poison"])
     saved = torch.load(out / "gssd_scores.pt")
     assert saved["pi"].shape == (m["n_train"],) and torch.isfinite(saved["pi"]).all()
     assert (out / "gssd_vy_hist.png").exists()

@@ -4,15 +4,16 @@
    default, Table 3 ablation via ``backbone.kind``), standardised per dimension over the training set;
 2. one normalizing flow per observed class (:mod:`.flows`, Eq. 1), all trained jointly, batched;
 3. target classes: disruptive test first (Eq. 3-4 histogram rule), then the non-disruptive test on the
-   remaining classes (Eq. 2; absolute β_ND, a relative rule — robust z or leave-one-out z of S_ND across
-   classes — or absolute-or-robust, ``nd_rule``);
+   remaining classes (Eq. 2; ``nd_rule``: ``absolute`` β_ND — the paper's rule [V] — or a relative rule,
+   robust z or leave-one-out z of S_ND across classes, or ``either`` = absolute or robust);
 4. poisoning score π = −log σ_y (Eq. 5-6), split into D̂_P / D̂_U / D̂_C (:mod:`.split`);
 5. retrain a fresh model on D̂_C with the run's recipe, fine-tune on D̂'_P relabelled by Eq. 7
    (or the Table 4 variants, ``retrain``).
 
 Source precedence: REFERENCE.md's GSSD facts (the authors' Appendix E values and code) over the seed text
 and the issue. Unlike the authors' released retraining script, nothing here ever uses which samples are
-truly poisoned: the split is computed from features and observed labels only.
+truly poisoned: the split is computed from features and observed labels only. The result carries the split
+(``flagged`` = D̂_P, ``kept`` = D̂_C) so that the metrics — not the defense — count the poisons in each part.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "flow": {},
     "standardise": True,
     "min_class_size": 8,
-    "nd_rule": "either",  # absolute | robust | loo | either (= absolute or robust)
+    "nd_rule": "absolute",  # the paper's rule [V] | robust | loo | either (= absolute or robust)
     "beta_nd": 0.6,
     "robust_z": 3.5,
     "loo_z": 2.0,
