@@ -74,7 +74,10 @@ class RunContext:
     run_dir: Path | None = None
     progress: bool = True
     log: Callable[[str], None] = print
-    cache_parts: dict[str, Any] = field(default_factory=dict)  # what produced the data (for cache keys)
+    # Opaque key of what produced the defender's data (its images, observed labels, the dataset config and
+    # the seed): a defense may add it to its own cache keys. Nothing about the attack (its name, target,
+    # parameters) enters it — the attack is the oracle's (DESIGN.md, the defender/oracle wall).
+    cache_key: str = ""
 
 
 @dataclass
