@@ -1,7 +1,8 @@
 """Content-addressed caches: a key is a hash of *everything* that produced an artefact.
 
-A cache entry lives at ``<root>/<kind>/<key>.pt`` next to ``<key>.json`` holding the key's parts,
-so a stale or colliding entry cannot be read by mistake and a human can see what made it.
+A cache entry lives at ``<root>/<kind>/<key>.safetensors`` (:mod:`bdseal.io`: tensors + JSON, never
+pickle); its header records the key's parts, the code version and the payload's sha256, so a stale,
+colliding or damaged entry is never used (:class:`ArtifactCache`) and a human can see what made it.
 
 Hashing tensors is the costly part of a key (150 MB of CIFAR-10 training images take seconds), and one
 run keys several artefacts by the same data (poisoned set, baseline, surrogate, SSL backbones through
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import weakref
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
+log = logging.getLogger("bdseal")
 T = TypeVar("T")
 
 
@@ -103,28 +106,79 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
         h.update(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+_MISS: Any = object()
+
+
+def code_version() -> str:
+    """``<bdseal version>+<sha256 of the package's .py sources>``: part of every cache key, so an artefact
+    made by other code (e.g. before a trigger fix) is never reused. Computed once per process."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import bdseal
+
+        h = hashlib.sha256()
+        pkg = Path(bdseal.__file__).parent
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(str(f.relative_to(pkg)).encode())
+            h.update(f.read_bytes())
+        _CODE_VERSION = f"{bdseal.__version__}+{h.hexdigest()[:12]}"
+    return _CODE_VERSION
+
+
+_CODE_VERSION: str | None = None
+
+
+def _plain_parts(parts: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(parts, sort_keys=True, default=str))
+
+
 class ArtifactCache:
-    """``get_or_compute(kind, parts, fn)`` stores ``fn()`` with ``torch.save`` under a hash of ``parts``."""
+    """``get_or_compute(kind, parts, fn)`` stores ``fn()`` under a hash of ``parts`` and the code version.
+
+    Entries are ``<root>/<kind>/<key>.safetensors`` written by :func:`bdseal.io.save_tree` (tensors +
+    JSON, never pickle) with the key's parts, the kind and :func:`code_version` in the header and the
+    payload's sha256. A truncated, altered or foreign entry, or one whose recorded parts / kind / code
+    version differ, is reported in one warning naming the path, deleted and recomputed. Writes are atomic
+    (unique temp file + rename), so concurrent writers of one key leave one complete entry."""
+
+    SUFFIX = ".safetensors"
 
     def __init__(self, root: str | Path | None = None, enabled: bool = True) -> None:
         self.root = Path(root) if root is not None else default_cache_root()
         self.enabled = enabled
 
     def path(self, kind: str, parts: dict[str, Any]) -> Path:
-        return self.root / kind / f"{fingerprint(parts)}.pt"
+        return self.root / kind / f"{fingerprint({'parts': parts, 'code': code_version()})}{self.SUFFIX}"
+
+    def load(self, kind: str, parts: dict[str, Any]) -> Any:
+        """The entry's value, or ``_MISS`` when absent or unusable (then deleted, with one warning)."""
+        from bdseal.io import CorruptFileError, load_tree
+
+        path = self.path(kind, parts)
+        if not path.exists():
+            return _MISS
+        try:
+            value, meta = load_tree(path)
+            if meta.get("kind") != kind or meta.get("code") != code_version() or meta.get("parts") != _plain_parts(parts):
+                raise CorruptFileError(f"its recorded kind/parts/code version do not match (recorded {meta.get('kind')!r}, code {meta.get('code')!r})")
+        except FileNotFoundError:
+            return _MISS  # deleted by a concurrent reader
+        except (CorruptFileError, OSError) as e:
+            log.warning("cache entry %s is unusable (%s); deleting it and recomputing", path, e)
+            path.unlink(missing_ok=True)
+            return _MISS
+        return value
+
+    def store(self, kind: str, parts: dict[str, Any], value: Any) -> Path:
+        from bdseal.io import save_tree
+
+        return save_tree(self.path(kind, parts), value, {"kind": kind, "parts": _plain_parts(parts), "code": code_version()})
 
     def get_or_compute(self, kind: str, parts: dict[str, Any], compute: Callable[[], T]) -> T:
         if not self.enabled:
             return compute()
-        path = self.path(kind, parts)
-        if path.exists():
-            meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else None
-            if meta == json.loads(json.dumps(parts, sort_keys=True, default=str)):
-                return torch.load(path, map_location="cpu", weights_only=False)
-        value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent writers (Slurm jobs, ranks) never share a temp file
-        torch.save(value, tmp)
-        path.with_suffix(".json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
-        os.replace(tmp, path)
+        value = self.load(kind, parts)
+        if value is _MISS:
+            value = compute()
+            self.store(kind, parts, value)
         return value

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
+from bdseal.errors import BdsealError
+
 MODES = ("all_to_one", "all_to_all", "clean_label", "source_specific")
 COVER_POOLS = ("any", "source", "target")
 
 
-class AttackConfigError(ValueError):
+class AttackConfigError(BdsealError, ValueError):
     """A bad attack option (unknown name, rate out of range, target outside the classes...)."""
 
 

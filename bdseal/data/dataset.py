@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bdseal.errors import BdsealError
 
-class DataError(ValueError):
+
+class DataError(BdsealError, ValueError):
     """Bad or missing data: wrong shapes/dtypes, missing files, unknown dataset names."""
 
 

@@ -17,11 +17,12 @@ from torch import nn
 
 from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data.dataset import ImageDataset
+from bdseal.errors import BdsealError
 from bdseal.registry import import_plugins, unknown_name_message
 from bdseal.train.loop import TrainConfig
 
 
-class ThreatModelError(RuntimeError):
+class ThreatModelError(BdsealError, RuntimeError):
     """A defense asked for something its threat model does not grant."""
 
 

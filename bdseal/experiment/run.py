@@ -24,13 +24,14 @@ from bdseal.attacks.base import resolve_cover_rate
 from bdseal.cache import ArtifactCache, dataset_fingerprint, fingerprint
 from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
+from bdseal.errors import BdsealError
 from bdseal.models import build_model
 from bdseal.train import TrainConfig, fit, predict
 
 log = logging.getLogger("bdseal")
 
 
-class RunDirError(FileExistsError):
+class RunDirError(BdsealError, FileExistsError):
     """The run directory holds results the user did not ask to overwrite."""
 
 

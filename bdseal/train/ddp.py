@@ -150,13 +150,15 @@ class DistributedArtifactCache(ArtifactCache):
     def get_or_compute(self, kind: str, parts: dict[str, Any], compute: Callable[[], T]) -> T:
         if not self.enabled or rank_world()[1] == 1:
             return super().get_or_compute(kind, parts, compute)
-        hit = broadcast_object(self.path(kind, parts).exists() if is_main_process() else None)
-        if hit:
+        from bdseal.cache import _MISS
+
+        found = self.load(kind, parts) if is_main_process() else _MISS  # rank 0 verifies (and drops a bad entry)
+        if broadcast_object(found is not _MISS if is_main_process() else None):
             barrier()
-            return super().get_or_compute(kind, parts, compute)  # loads
+            return found if is_main_process() else super().get_or_compute(kind, parts, compute)  # loads
         value = compute()
         if is_main_process():
-            ArtifactCache.get_or_compute(self, kind, parts, lambda: value)  # writes (atomically)
+            self.store(kind, parts, value)  # atomic
         barrier()
         return value
 
