@@ -92,8 +92,9 @@ _NOT_IN_KEY = ("checkpoint_every",)
 
 
 def _cache_parts(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    parts = {"data": view.data_fingerprint(), "backbone": {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY},
-             "seed": ctx.seed}
+    parts = {"data": view.data_fingerprint(), "backbone": {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY}}
+    if cfg["kind"] != "foundation":  # a frozen checkpoint's features do not depend on the run's seed: shared by seeds
+        parts["seed"] = ctx.seed
     if cfg["kind"] == "supervised":
         parts["recipe"] = asdict(_supervised_recipe(cfg, ctx).replace(progress=True))
     return parts

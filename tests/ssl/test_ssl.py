@@ -97,6 +97,8 @@ def test_cache_key_changes_with_epochs_and_seed(tmp_path: Path) -> None:
     assert p(base, ctx0) != p({**base, "epochs": 2}, ctx0)
     assert p(base, ctx0) != p(base, ctx1)
     assert p(base, ctx0) == p(dict(base), ctx0)
+    fm = {"kind": "foundation", "checkpoint": "/some/dir"}
+    assert p(fm, ctx0) == p(fm, ctx1)  # frozen foundation features: computed once for every seed
 
 
 def test_byol_and_supervised_backbones_run(tmp_path: Path) -> None:
