@@ -50,9 +50,9 @@ def corruption_diagnostics(head: VIBEHead, v: torch.Tensor, chunk: int = 8192) -
     """The E-step's view of the corruption model: mean ‖μ_z‖, ‖μ_y‖ and the mean probability of keeping
     the label, p(y = l | l) (x-conditioned: averaged over the samples ``v`` as well). Near 1/K the
     corruption model is uninformative and the E-step ignores the observed labels."""
-    if head.corruption == "class" or len(v) == 0:
-        keep = head.log_p_y_all(v[:1] if len(v) else torch.zeros(1, head.mu_z.shape[1], device=head.mu_z.device))[0]
-        p_keep = float(keep.diagonal().exp().mean())
+    if head.corruption == "class" or len(v) == 0:  # p(y|l) does not depend on x: any one row will do
+        probe = torch.zeros(1, head.mu_z.shape[1], device=head.mu_z.device)
+        p_keep = float(head.log_p_y_all(probe)[0].diagonal().exp().mean())
     else:
         total = sum(float(head.log_p_y_all(v[s:s + chunk]).diagonal(dim1=1, dim2=2).exp().sum()) for s in range(0, len(v), chunk))
         p_keep = total / (len(v) * head.num_classes)
