@@ -147,7 +147,8 @@ def test_corruption_diagnostics_hand_case() -> None:
     # x-conditioned: the mean over samples of p(y = l | l, x_i), computed in chunks
     hx = VIBEHead(torch.eye(2), kappa=1.0, nu=1.0, corruption="x")
     v = torch.randn(7, 2)
-    expect = hx.log_p_y_all(v).diagonal(dim1=1, dim2=2).exp().mean()
+    with torch.no_grad():
+        expect = hx.log_p_y_all(v).diagonal(dim1=1, dim2=2).exp().mean()
     assert corruption_diagnostics(hx, v, chunk=3)["p_keep"] == pytest.approx(float(expect), abs=1e-6)
 
 
