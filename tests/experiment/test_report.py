@@ -226,3 +226,14 @@ def test_benchmarks_speed_header_reports_machine_load():
     quiet = mod.machine_load({"cpu_count": 2, "load_avg_1min": 0.4})
     assert "0.40" in quiet and "noisy" not in quiet
     assert "other jobs were running" in mod.machine_load({"cpu_count": 2, "load_avg_1min": 3.0})
+
+
+def test_report_vibe_e_step_table(tmp_path):
+    """VIBE's last E-step diagnostics (``extras.final_e_step``) get their own table, mean ± std over seeds."""
+    s = ResultStore(tmp_path / "results.sqlite")
+    for seed, p in enumerate((0.8, 0.9)):
+        s.add(fake_row("badnets", "vibe_ss_a", seed, 0.7, 0.1,
+                       extras={"final_e_step": {"p_keep": p, "mu_z_norm": 0.6, "agree_observed": 0.9}}))
+    s.add(fake_row("badnets", "none", 0, 0.9, 1.0))
+    tables = {t.name: t for t in build_tables(aggregate(s.rows()), post_hoc_labels(s.rows()))}
+    assert tables["cifar10_e_step"].rows == [["badnets", "vibe_ss_a", "85.0 ± 7.1", "0.60 ± 0.00", "90.0 ± 0.0"]]

@@ -222,7 +222,7 @@ def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defens
         v_all = extract_features(encoder, view.x, dev).to(dev)
     em.run(v_all[idx.to(dev)], int(c["iterations"]))  # final E-step with the trained model
     relabels, flagged, scores = _final_outputs(head, prior, v_all, view.y.to(dev), keep, em)
-    extras.update(e_steps=em.log, n_kept=int(keep.sum()), n_flagged=int(flagged.sum()),
+    extras.update(e_steps=em.log, final_e_step=em.log[-1], n_kept=int(keep.sum()), n_flagged=int(flagged.sum()),
                   prior=[round(float(p), 6) for p in prior.log_prior().detach().exp()])
     model = VIBEClassifier(encoder, head, prior).to(dev).eval()
     history = []
