@@ -6,7 +6,8 @@
 - RA (robust accuracy): fraction of the same triggered test images classified as their *true* class
   (BackdoorBench's RA; ASR + RA <= 1, the rest went to other classes).
 - DEM Γ: PGBD Eq. 5-6 (REFERENCE.md: Γ = ½·min(1, CA_D/CA_P) + ½·max(0, (ASR_P − ASR_D)/ASR_P)).
-- Detection: TPR/FPR of a boolean flag against ``is_poison`` and AUROC of per-sample suspicion scores.
+- Detection: TPR/FPR of a boolean flag against ``is_poison`` and AUROC of per-sample suspicion scores;
+  for defenses that retrain on a kept subset, the poisons left in it (removal TPR) and the uncertain count.
 - Relabel accuracy: of the poisoned samples a defense relabelled, the fraction whose new label is the
   true one.
 """
@@ -79,18 +80,39 @@ def detection_rates(flagged: torch.Tensor, positives: torch.Tensor) -> dict[str,
         "tpr": tp / n_pos if n_pos else float("nan"),
         "fpr": fp / n_neg if n_neg else float("nan"),
         "flagged": int(f.sum()),
+        "flagged_poison": tp,
     }
 
 
+def retention_counts(kept: torch.Tensor, positives: torch.Tensor, flagged: torch.Tensor | None = None) -> dict[str, float]:
+    """For defenses that retrain on a filtered set (GSSD's D̂_C = ``kept``): poisons left in it
+    (``poison_kept``), removal TPR = 1 − poison_kept / #poisons, the kept-set size, and — given the
+    defense's ``flagged`` set — the samples neither kept nor flagged (``uncertain``, GSSD's D̂_U) and the
+    poisons among them."""
+    k = torch.as_tensor(kept).cpu().bool()
+    p = torch.as_tensor(positives).cpu().bool()
+    n_pos, left = int(p.sum()), int((k & p).sum())
+    out: dict[str, float] = {"kept": int(k.sum()), "poison_kept": left,
+                             "removal_tpr": 1 - left / n_pos if n_pos else float("nan")}
+    if flagged is not None:
+        u = ~k & ~torch.as_tensor(flagged).cpu().bool()
+        out.update(uncertain=int(u.sum()), uncertain_poison=int((u & p).sum()))
+    return out
+
+
 def detection_metrics(
-    positives: torch.Tensor, scores: torch.Tensor | None = None, flagged: torch.Tensor | None = None
+    positives: torch.Tensor, scores: torch.Tensor | None = None, flagged: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """TPR/FPR of ``flagged`` (when given) and AUROC of ``scores`` (when given)."""
+    """TPR/FPR of ``flagged`` (when given), AUROC of ``scores`` (when given) and the
+    :func:`retention_counts` of ``kept`` (when given)."""
     out: dict[str, float] = {}
     if flagged is not None:
         out.update(detection_rates(flagged, positives))
     if scores is not None:
         out["auroc"] = auroc(scores, positives)
+    if kept is not None:
+        out.update(retention_counts(kept, positives, flagged))
     return out
 
 

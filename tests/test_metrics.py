@@ -35,7 +35,18 @@ def test_detection_rates():
     flagged = torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
     pos = torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)
     r = M.detection_rates(flagged, pos)
-    assert r["tpr"] == 0.5 and r["fpr"] == pytest.approx(1 / 3) and r["flagged"] == 2
+    assert r["tpr"] == 0.5 and r["fpr"] == pytest.approx(1 / 3) and r["flagged"] == 2 and r["flagged_poison"] == 1
+
+
+def test_retention_counts_split_the_poisons_into_kept_flagged_uncertain():
+    """6 samples, poisons at 0, 1, 2: flagged {0, 3}, kept {2, 4}, so uncertain {1, 5}: one poison in each part."""
+    pos = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    flagged = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    kept = torch.tensor([0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    r = M.detection_metrics(pos, flagged=flagged, kept=kept)
+    assert (r["flagged_poison"], r["poison_kept"], r["uncertain"], r["uncertain_poison"], r["kept"]) == (1, 1, 2, 1, 2)
+    assert r["removal_tpr"] == pytest.approx(2 / 3)
+    assert "uncertain" not in M.retention_counts(kept, pos) and math.isnan(M.retention_counts(kept, pos * False)["removal_tpr"])
 
 
 def test_relabel_accuracy():

@@ -78,14 +78,20 @@ class RunContext:
     run_dir: Path | None = None
     progress: bool = True
     log: Callable[[str], None] = print
-    cache_parts: dict[str, Any] = field(default_factory=dict)  # what produced the data (for cache keys)
+    # Opaque key of what produced the defender's data (its images, observed labels, the dataset config and
+    # the seed): a defense may add it to its own cache keys. Nothing about the attack (its name, target,
+    # parameters) enters it — the attack is the oracle's (DESIGN.md, the defender/oracle wall).
+    cache_key: str = ""
 
 
 @dataclass
 class DefenseResult:
     """``model``: the defended classifier. ``scores`` (N,): per-sample suspicion, higher = more likely
     poisoned. ``flagged`` (N,) bool: the defense's own poisoned/clean decision. ``relabels`` (N,):
-    new label per sample, −1 where not relabelled. ``extras``: defense-specific facts (JSON-able).
+    new label per sample, −1 where not relabelled. ``kept`` (N,) bool: for defenses that retrain on a
+    filtered set (GSSD's D̂_C), the samples the final model was trained on under their observed labels;
+    metrics count the poisons left in it and the samples neither kept nor flagged (uncertain).
+    ``extras``: defense-specific facts (JSON-able).
     Tensors the experiment layer should plot against the ground truth go to files in ``ctx.run_dir``
     (``gssd_scores.safetensors``, ``pgrl_state.safetensors``, through ``bdseal.io``), read by ``bdseal.experiment.figures``. ``relabel_history``:
     for iterative relabelling defenses (VIBE's E-steps), ``(step, (N,) labels)`` after each round, −1 where
@@ -95,6 +101,7 @@ class DefenseResult:
     scores: torch.Tensor | None = None
     flagged: torch.Tensor | None = None
     relabels: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     relabel_history: list[tuple[int, torch.Tensor]] | None = None
 

@@ -11,9 +11,12 @@ Tables (per dataset, values in %, ``mean ± std`` over seeds when a cell has sev
 - Γ (DEM, PGBD Eq. 5-6) per attack × defense, for cells whose run also trained the undefended baseline
   (``metrics['dem']``); post-hoc defenses (registry ``post_hoc=True``) are marked with †.
 - Detection TPR / FPR / AUROC and relabel accuracy per attack × defense, for defenses that flag, score or
-  relabel samples, and "target found": whether the defense named the attack's target class (GSSD's
+  relabel samples (plus, for defenses that retrain on a kept subset such as GSSD's D̂_C, the removal TPR and
+  the poisons flagged / kept / uncertain), and "target found": whether the defense named the attack's target class (GSSD's
   ``extras.detected_targets``, PGBD's ``extras.target_used`` / Neural Cleanse's inferred target) —
   ``yes``/``no``, or ``k/n`` seeds.
+- VIBE's last E-step (``extras.final_e_step``): mean p(y = l | l), ‖μ_z‖ and the agreement of the
+  pseudo-labels with the observed labels, for cells that report them.
 - Wall time per cell (s), and each defense's wall time as a multiple of the ``defense=none`` cell with
   the same data, attack, model, recipe and seed in the store (the mean of the per-seed ratios; PGRL Table 3).
 
@@ -49,11 +52,22 @@ METRICS: dict[str, tuple[str, ...]] = {
     "tpr": ("detection", "tpr"), "fpr": ("detection", "fpr"), "auroc": ("detection", "auroc"),
     "relabel_acc": ("relabel_acc",), "time_s": ("time_s",),
     "poison_rate": ("poison_rate",), "n_poison": ("n_poison",), "n_cover": ("n_cover",),
+    # defenses that retrain on a kept subset (GSSD's D̂_C): metrics.retention_counts
+    "flagged_poison": ("detection", "flagged_poison"), "poison_kept": ("detection", "poison_kept"),
+    "removal_tpr": ("detection", "removal_tpr"), "uncertain": ("detection", "uncertain"),
+    "uncertain_poison": ("detection", "uncertain_poison"),
+    # VIBE's last E-step, as the defender sees it (docs/vibe.md "Feature scale")
+    "p_keep": ("extras", "final_e_step", "p_keep"), "mu_z_norm": ("extras", "final_e_step", "mu_z_norm"),
+    "agree_observed": ("extras", "final_e_step", "agree_observed"),
 }
 # metrics computed from a row (and, for time_x_none, the store's defense=none rows): see derived_metrics
 DERIVED = ("target_found", "time_x_none")
-PERCENT = {"acc", "asr", "baseline_acc", "baseline_asr", "tpr", "fpr", "auroc", "relabel_acc", "poison_rate"}
-COUNTS = {"n_poison", "n_cover"}
+PERCENT = {"acc", "asr", "baseline_acc", "baseline_asr", "tpr", "fpr", "auroc", "relabel_acc", "poison_rate", "removal_tpr",
+           "p_keep", "agree_observed"}
+COUNTS = {"n_poison", "n_cover", "flagged_poison", "poison_kept", "uncertain", "uncertain_poison"}
+# extra detection-table columns, shown when some cell of the dataset has them
+SPLIT_COLUMNS = {"removal_tpr": "removal TPR", "flagged_poison": "#poison flagged", "poison_kept": "#poison kept",
+                 "uncertain": "#uncertain", "uncertain_poison": "#poison uncertain"}
 
 
 @dataclass
@@ -356,11 +370,24 @@ def build_tables(agg: dict[tuple[str, str, str], dict[str, Stat]], post_hoc: set
         det = [(a, d) for a in attacks for d in defenses if has(a, d, *det_metrics)]
         if det:
             with_target = any(has(a, d, "target_found") for a, d in det)
+            split_cols = [k for k in SPLIT_COLUMNS if any(has(a, d, k) for a, d in det)]
             t = Table(f"{ds}_detection", f"{ds}: poison detection (%) per attack × defense",
-                      ["Attack", "Defense", "TPR", "FPR", "AUROC", "relabel ACC"] + (["target found"] if with_target else []))
+                      ["Attack", "Defense", "TPR", "FPR", "AUROC", "relabel ACC"] + (["target found"] if with_target else [])
+                      + [SPLIT_COLUMNS[k] for k in split_cols],
+                      note="removal TPR = 1 − #poison kept / #poison; kept = the set a filtering defense retrains on "
+                           "(GSSD's D̂_C), uncertain = neither kept nor flagged (dropped)" if split_cols else "")
             for a, d in det:
                 m = cells[(a, d)]
-                t.rows.append([a, d] + [fmt(m.get(k), k) for k in det_metrics[: 5 if with_target else 4]])
+                t.rows.append([a, d] + [fmt(m.get(k), k) for k in [*det_metrics[: 5 if with_target else 4], *split_cols]])
+            tables.append(t)
+        em = [(a, d) for a in attacks for d in defenses if has(a, d, "p_keep")]
+        if em:
+            t = Table(f"{ds}_e_step", f"{ds}: last E-step of relabelling defenses (VIBE)",
+                      ["Attack", "Defense", "p(y=l|l) (%)", "‖μ_z‖", "pseudo = observed (%)"],
+                      note="p(y=l|l) near 100/K %: the corruption model is uninformative and the E-step ignores the observed labels")
+            for a, d in em:
+                m = cells[(a, d)]
+                t.rows.append([a, d, fmt(m.get("p_keep"), "p_keep"), fmt(m.get("mu_z_norm"), "dem"), fmt(m.get("agree_observed"), "agree_observed")])
             tables.append(t)
         t = Table(f"{ds}_time", f"{ds}: wall time per cell (s)", ["Attack"] + defenses,
                   note="whole cell: data, poisoning (cached), baseline (cached), defense, evaluation")

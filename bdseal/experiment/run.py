@@ -26,7 +26,7 @@ from bdseal import metrics as M
 from bdseal.attacks import AttackContext, Oracle, PoisonedSet, build_attack, poison_dataset
 from bdseal.attacks.base import resolve_cover_rate
 from bdseal.attacks.patterns import pattern_label
-from bdseal.cache import ArtifactCache, dataset_fingerprint
+from bdseal.cache import ArtifactCache, dataset_fingerprint, fingerprint
 from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
 from bdseal.errors import BdsealError, ConfigError, TrainingDivergedError
@@ -255,9 +255,15 @@ def defense_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def detection(result: DefenseResult, oracle: Oracle) -> dict[str, float] | None:
-    if result.scores is None and result.flagged is None:
+    if result.scores is None and result.flagged is None and result.kept is None:
         return None
-    return M.detection_metrics(oracle.is_poison, scores=result.scores, flagged=result.flagged)
+    return M.detection_metrics(oracle.is_poison, scores=result.scores, flagged=result.flagged, kept=result.kept)
+
+
+def defender_cache_key(train: ImageDataset, cfg: DictConfig, seed: int) -> str:
+    """``RunContext.cache_key``: a hash of what the defender holds (images + observed labels), the dataset
+    config and the seed — never of the attack config, which would carry the target across the wall."""
+    return fingerprint({"train": dataset_fingerprint(train), "dataset": plain(cfg.dataset), "seed": seed})
 
 
 @dataclass
@@ -295,7 +301,7 @@ def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
     train_cfg = TrainConfig.from_dict({**plain(cfg.train), "progress": bool(cfg.progress)})
     ctx = RunContext(device=device, seed=seed, build_model=make_model, train_cfg=train_cfg, cache=cache, run_dir=run_dir,
                      progress=bool(cfg.progress), log=log.info,
-                     cache_parts={"dataset": plain(cfg.dataset), "attack": plain(cfg.attack), "seed": seed})
+                     cache_key=defender_cache_key(ps.train, cfg, seed))
     return PreparedCell(device, seed, ps, defender_pool, ctx)
 
 

@@ -7,7 +7,10 @@ filled in, so changing any hyperparameter, e.g. ``epochs``, changes the key) and
 features are cached under the same key. ``cfg["kind"]``:
 
 * ``simclr`` / ``byol`` — self-supervised pre-training on the poisoned, unlabeled images
-  (:mod:`bdseal.ssl.simclr`, :mod:`bdseal.ssl.byol`, loop in :mod:`bdseal.ssl.loop`);
+  (:mod:`bdseal.ssl.simclr`, :mod:`bdseal.ssl.byol`, loop in :mod:`bdseal.ssl.loop`); resumable: every
+  ``checkpoint_every`` epochs a checkpoint is written next to the cache entry (kind ``ssl_checkpoint``, same
+  key parts) and a re-run picks it up, so a long pre-training can be spread over several jobs; the finished
+  backbone's key does not depend on ``checkpoint_every`` or on how many pieces produced it;
 * ``foundation`` — a frozen local HuggingFace checkpoint (:mod:`bdseal.ssl.foundation`);
 * ``supervised`` — plain supervised training on the observed labels with ``bdseal.train.fit``
   (GSSD's Table 3 ablation); ``train`` overrides the run's recipe, ``epochs`` overrides its epochs.
@@ -26,7 +29,7 @@ from bdseal.defenses.base import DefenderView, RunContext
 from bdseal.models import build_model
 from bdseal.ssl.byol import BYOL
 from bdseal.ssl.foundation import FoundationEncoder, load_foundation
-from bdseal.ssl.loop import SSLTrainConfig, pretrain
+from bdseal.ssl.loop import CHECKPOINT_KIND, SSLTrainConfig, pretrain
 from bdseal.ssl.simclr import SimCLR
 from bdseal.train.loop import batched_eval, fit
 
@@ -34,17 +37,18 @@ _LOOP_KEYS = {f.name for f in fields(SSLTrainConfig)} - {"progress"}
 _ARCH = {"arch": "resnet18", "arch_params": {}}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # GSSD facts [V]: ResNet-18, projector 512→512→128, τ 0.5, batch 256, Adam 3e-4, strong jitter.
-    # The paper trains 100 epochs; the CPU default is a few.
-    "simclr": {**_ARCH, "epochs": 5, "batch_size": 256, "optimizer": "adam", "lr": 3e-4, "weight_decay": 1e-6,
+    # GSSD facts [V]: ResNet-18, projector 512→512→128 without BN, τ 0.5, batch 256, Adam 3e-4 without weight
+    # decay, strong jitter. The paper trains 100 epochs; the CPU default is a few.
+    "simclr": {**_ARCH, "epochs": 5, "batch_size": 256, "optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0,
                "schedule": "constant", "warmup_epochs": 0.0, "temperature": 0.5, "proj_hidden": 512, "proj_dim": 128,
+               "proj_bn": False, "checkpoint_every": 1,
                "crop_scale": [0.08, 1.0], "jitter": [0.8, 0.8, 0.8, 0.2], "p_jitter": 0.8, "p_gray": 0.2,
                "momentum": 0.9, "amp": True, "channels_last": True},
     # BYOL in solo-learn's spirit; Adam (LARS is not in torch) with a cosine schedule and warm-up.
     "byol": {**_ARCH, "epochs": 5, "batch_size": 256, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5,
              "schedule": "cosine", "warmup_epochs": 1.0, "proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096,
              "ema_base": 0.99, "crop_scale": [0.08, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "p_jitter": 0.8,
-             "p_gray": 0.2, "momentum": 0.9, "amp": True, "channels_last": True},
+             "p_gray": 0.2, "momentum": 0.9, "amp": True, "channels_last": True, "checkpoint_every": 1},
     "foundation": {"checkpoint": None, "image_size": 224},
     "supervised": {**_ARCH, "epochs": None, "train": {}},
 }
@@ -74,7 +78,7 @@ def _encoder(view: DefenderView, cfg: dict[str, Any]) -> nn.Module:
 def _ssl_method(encoder: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     d = int(encoder.feature_dim)
     if cfg["kind"] == "simclr":
-        return SimCLR(encoder, d, cfg["proj_hidden"], cfg["proj_dim"], cfg["temperature"])
+        return SimCLR(encoder, d, cfg["proj_hidden"], cfg["proj_dim"], cfg["temperature"], proj_bn=bool(cfg["proj_bn"]))
     return BYOL(encoder, d, cfg["proj_hidden"], cfg["proj_dim"], cfg["pred_hidden"], cfg["ema_base"])
 
 
@@ -83,8 +87,14 @@ def _supervised_recipe(cfg: dict[str, Any], ctx: RunContext):
     return tc.replace(epochs=int(cfg["epochs"])) if cfg.get("epochs") is not None else tc
 
 
+# options that change how a backbone is produced, not what it is: left out of its cache key
+_NOT_IN_KEY = ("checkpoint_every",)
+
+
 def _cache_parts(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    parts = {"data": view.data_fingerprint(), "backbone": cfg, "seed": ctx.seed}
+    parts = {"data": view.data_fingerprint(), "backbone": {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY}}
+    if cfg["kind"] != "foundation":  # a frozen checkpoint's features do not depend on the run's seed: shared by seeds
+        parts["seed"] = ctx.seed
     if cfg["kind"] == "supervised":
         parts["recipe"] = asdict(_supervised_recipe(cfg, ctx).replace(progress=True))
     return parts
@@ -111,8 +121,12 @@ def load_backbone(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> n
                 torch.manual_seed(ctx.seed)
                 method = _ssl_method(encoder, cfg)
             loop_cfg = SSLTrainConfig(**{k: cfg[k] for k in _LOOP_KEYS if k in cfg}, progress=ctx.progress)
-            hist = pretrain(method, view.x, loop_cfg, device=ctx.device, seed=ctx.seed, desc=cfg["kind"])
+            ckpt = ctx.cache.path(CHECKPOINT_KIND, parts) if ctx.cache.enabled else None
+            hist = pretrain(method, view.x, loop_cfg, device=ctx.device, seed=ctx.seed, desc=cfg["kind"], checkpoint=ckpt,
+                            checkpoint_every=int(cfg["checkpoint_every"]), log=ctx.log)
             ctx.log(f"{cfg['kind']} pre-training: loss per epoch {[round(v, 4) for v in hist]}")
+            if ckpt is not None:
+                ckpt.unlink(missing_ok=True)  # the finished backbone goes to the cache under the same parts
         return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
 
     state = ctx.cache.get_or_compute("ssl_backbone", parts, compute)

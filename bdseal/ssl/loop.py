@@ -5,11 +5,17 @@ small: uint8 images resident on the device, two batched on-device SimCLR views p
 (``bdseal.data.augment.simclr_augment``), the method object supplies the loss and an optional
 post-step update (BYOL's EMA), optimiser + schedule from ``bdseal.train.schedule``, bf16 autocast and
 channels_last on CUDA, a tqdm bar and a deterministic seed.
+
+Resumable: with ``checkpoint`` the method, optimiser, epoch/step/loss history and every random stream
+(batch order, augmentation, global RNGs) are saved through :mod:`bdseal.io` (safetensors + JSON, atomic,
+never unpickled) every ``checkpoint_every`` epochs, and an existing checkpoint is resumed — a run cut
+into pieces ends with the same weights as an uninterrupted one (``tests/ssl/test_ssl.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -17,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bdseal.data.augment import simclr_augment
-from bdseal.train.loop import seed_everything
+from bdseal.io import CorruptFileError, load_tree, save_tree
+from bdseal.train.loop import _rng_states, _set_rng_states, seed_everything
 from bdseal.train.schedule import lr_multiplier
 
 
@@ -71,11 +78,36 @@ def make_views(raw: torch.Tensor, cfg: SSLTrainConfig, gen: torch.Generator) -> 
     return simclr_augment(x, **kw), simclr_augment(x, **kw)
 
 
+CHECKPOINT_KIND = "ssl_checkpoint"
+
+
+def save_checkpoint(path: str | Path, method: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
+                    history: list[float], gen: torch.Generator, aug_gen: torch.Generator) -> None:
+    """Everything :func:`pretrain` needs to continue after ``epoch`` epochs (atomic, no pickle)."""
+    save_tree(path, {"method": method.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
+                     "history": history, "generator": gen.get_state(), "rng": _rng_states(aug_gen)}, {"kind": CHECKPOINT_KIND})
+
+
+def load_checkpoint(path: str | Path, method: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    aug_gen: torch.Generator) -> tuple[int, int, list[float]]:
+    """Restore a :func:`save_checkpoint` file in place; returns (epochs done, steps done, loss history)."""
+    ck, meta = load_tree(path)
+    if meta.get("kind") != CHECKPOINT_KIND or not isinstance(ck, dict):
+        raise CorruptFileError(f"{path} is not a bdseal SSL pre-training checkpoint; delete it to start over")
+    method.load_state_dict(ck["method"])
+    opt.load_state_dict(ck["optimizer"])
+    gen.set_state(ck["generator"])
+    _set_rng_states(ck["rng"], aug_gen)
+    return int(ck["epoch"]), int(ck["step"]), [float(v) for v in ck["history"]]
+
+
 def pretrain(method: nn.Module, x: torch.Tensor, cfg: SSLTrainConfig, *, device: torch.device | str = "cpu",
-             seed: int = 0, desc: str = "ssl") -> list[float]:
+             seed: int = 0, desc: str = "ssl", checkpoint: str | Path | None = None, checkpoint_every: int = 1,
+             log: Any = None) -> list[float]:
     """Train ``method`` (an ``nn.Module`` following :class:`SSLMethod`) on uint8 images ``x``; returns
     the mean loss of every epoch. Batches of fewer than 2 images are skipped (contrastive losses need
-    pairs), so the last partial batch is dropped when it would be a singleton."""
+    pairs), so the last partial batch is dropped when it would be a singleton. ``checkpoint``: resume
+    from this file when it exists, save to it every ``checkpoint_every`` epochs (see module doc)."""
     device = torch.device(device)
     if x.dtype != torch.uint8 or x.ndim != 4:
         raise ValueError(f"pretrain needs uint8 images (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
@@ -96,9 +128,13 @@ def pretrain(method: nn.Module, x: torch.Tensor, cfg: SSLTrainConfig, *, device:
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     use_amp = cfg.amp and device.type == "cuda"
     history: list[float] = []
-    step = 0
-    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    for _ in range(cfg.epochs):
+    step = start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        start, step, history = load_checkpoint(checkpoint, method, opt, gen, aug_gen)
+        if log is not None:
+            log(f"{desc}: resuming pre-training from {checkpoint} after epoch {start} of {cfg.epochs}")
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    for epoch in range(start, cfg.epochs):
         perm = torch.randperm(len(x), generator=gen).to(device)
         run = torch.zeros((), device=device)  # summed on the device: one read-back per epoch
         for s in range(spe):
@@ -119,6 +155,8 @@ def pretrain(method: nn.Module, x: torch.Tensor, cfg: SSLTrainConfig, *, device:
             if cfg.progress and step % 25 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         history.append(float(run) / max(1, spe))
+        if checkpoint is not None and (epoch + 1) % max(1, checkpoint_every) == 0 and epoch + 1 < cfg.epochs:
+            save_checkpoint(checkpoint, method, opt, epoch + 1, step, history, gen, aug_gen)
     bar.close()
     method.eval()
     return history

@@ -1,6 +1,7 @@
 """SimCLR (Chen et al. 2020) as GSSD pre-trains it (REFERENCE.md, GSSD facts [V]): CIFAR ResNet-18
-encoder (512-d), projector 512→512→128 (Linear-BN-ReLU-Linear), NT-Xent with τ = 0.5, batch 256,
-Adam 3e-4, SimCLR views with jitter (0.8, 0.8, 0.8, 0.2) p 0.8 and grayscale p 0.2."""
+encoder (512-d), projector 512→512→128 (Linear-ReLU-Linear, no BN, as in the authors' code), NT-Xent with
+τ = 0.5, batch 256, Adam 3e-4 without weight decay, SimCLR views with jitter (0.8, 0.8, 0.8, 0.2) p 0.8 and
+grayscale p 0.2. ``proj_bn=True`` gives the Linear-BN-ReLU-Linear projector of Chen et al."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def projector(in_dim: int, hidden: int, out: int) -> nn.Sequential:
-    """Linear → BN → ReLU → Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+def projector(in_dim: int, hidden: int, out: int, bn: bool = True) -> nn.Sequential:
+    """Linear → BN → ReLU → Linear (BN left out with ``bn=False``)."""
+    mid = [nn.BatchNorm1d(hidden)] if bn else []
+    return nn.Sequential(nn.Linear(in_dim, hidden), *mid, nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -29,10 +31,10 @@ class SimCLR(nn.Module):
     """Encoder (a StagedClassifier; its ``features`` is the embedding) + projector + NT-Xent."""
 
     def __init__(self, encoder: nn.Module, feature_dim: int, proj_hidden: int = 512, proj_dim: int = 128,
-                 temperature: float = 0.5) -> None:
+                 temperature: float = 0.5, proj_bn: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
-        self.projector = projector(feature_dim, proj_hidden, proj_dim)
+        self.projector = projector(feature_dim, proj_hidden, proj_dim, bn=proj_bn)
         self.temperature = temperature
 
     def loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:

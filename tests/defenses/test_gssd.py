@@ -200,7 +200,9 @@ def test_retrain_modes_train_on_the_right_sets(mode, monkeypatch):
     sp = Split(clean=torch.tensor([1, 1, 1, 0, 0, 0]).bool(), poisoned=torch.tensor([0, 0, 0, 0, 1, 1]).bool(),
                uncertain=torch.tensor([0, 0, 0, 1, 0, 0]).bool(), relabels=torch.tensor([-1, -1, -1, -1, 3, 5]))
     ctx = SimpleNamespace(train_cfg=TrainConfig(epochs=7, lr=0.1), build_model=lambda: torch.nn.Linear(1, 1), device="cpu", seed=0)
-    _, info = D.retrain(view, sp, resolve({"retrain": mode}), ctx)
+    _, info, kept = D.retrain(view, sp, resolve({"retrain": mode}), ctx)
+    # D̂_C: the samples trained on under their observed labels (metrics count the poisons left in it)
+    assert kept.tolist() == ([True] * n if mode == "original_then_finetune" else sp.clean.tolist())
     first = {"clean_then_finetune": ([0, 1, 2], [0, 0, 0]), "original_then_finetune": (list(range(n)), [0] * n),
              "clean_plus_relabelled": ([0, 1, 2, 4, 5], [0, 0, 0, 3, 5])}[mode]
     assert (calls[0][0], calls[0][1]) == first and calls[0][2].epochs == 7

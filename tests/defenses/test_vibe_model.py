@@ -135,3 +135,36 @@ def test_e_step_on_non_finite_features_raises_instead_of_nan_labels():
     v[5] = float("nan")  # a diverged encoder
     with pytest.raises(TrainingDivergedError, match="Sinkhorn"):
         e_step(head, prior, v, y)
+
+def test_normalize_features_makes_the_head_scale_free() -> None:
+    """With ``normalize_input`` the x-conditioned corruption model (and so ln P) is the same for v and 15·v;
+    without it the label-independent term grows with ‖v‖."""
+    g = torch.Generator().manual_seed(1)
+    mu, v = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)
+    unit = VIBEHead(mu, kappa=10, corruption="x", normalize_input=True)
+    raw = VIBEHead(mu, kappa=10, corruption="x")
+    assert torch.allclose(unit.log_p_y_all(v), unit.log_p_y_all(15 * v), atol=1e-5)
+    assert torch.allclose(unit.log_p_y_all(v), raw.log_p_y_all(F.normalize(v, dim=1)), atol=1e-5)
+    assert not torch.allclose(raw.log_p_y_all(v), raw.log_p_y_all(15 * v), atol=1e-3)
+
+
+def test_corruption_diagnostics_hand_case() -> None:
+    """Class-conditional, μ_z = μ_y = I (K = 2), ν = 1: p(y = l | l) = e / (e + 1); ‖μ‖ = 1."""
+    from bdseal.defenses.vibe.em import corruption_diagnostics
+
+    head = VIBEHead(torch.eye(2), kappa=1.0, nu=1.0, corruption="class")
+    d = corruption_diagnostics(head, torch.randn(6, 2))
+    assert d["p_keep"] == pytest.approx(math.e / (math.e + 1), abs=1e-6)
+    assert d["mu_z_norm"] == pytest.approx(1.0) and d["mu_y_norm"] == pytest.approx(1.0)
+    # x-conditioned: the mean over samples of p(y = l | l, x_i), computed in chunks
+    hx = VIBEHead(torch.eye(2), kappa=1.0, nu=1.0, corruption="x")
+    v = torch.randn(7, 2)
+    with torch.no_grad():
+        expect = hx.log_p_y_all(v).diagonal(dim1=1, dim2=2).exp().mean()
+    assert corruption_diagnostics(hx, v, chunk=3)["p_keep"] == pytest.approx(float(expect), abs=1e-6)
+
+
+def test_resolve_normalize_features() -> None:
+    assert resolve({"backbone": "fm"})["normalize_features"] is True  # the authors' FM features are unit-norm
+    assert resolve({"backbone": "fm", "normalize_features": False})["normalize_features"] is False
+    assert isinstance(resolve({"backbone": "ss"})["normalize_features"], bool)

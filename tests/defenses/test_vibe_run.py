@@ -31,7 +31,8 @@ def test_vibe_frozen_foundation_path(tmp_path: Path) -> None:
     m = run_experiment(compose_config([*TINY, "defense=vibe_fm_a", f"defense.fm.checkpoint={tmp_path / 'dino'}",
                                        "defense.fm.image_size=28", f"out={tmp_path / 'r'}", "progress=false", "cache=false"]))
     ex = m["extras"]
-    assert ex["variant"] == {"backbone": "fm", "corruption": "class", "freeze": True, "freeze_mu_y": True, "leiden": False}
+    assert ex["variant"] == {"backbone": "fm", "corruption": "class", "freeze": True, "freeze_mu_y": True, "leiden": False,
+                            "normalize_features": True}  # FM: unit-norm features as the authors' reloaded cache
     assert "leiden" not in ex and ex["n_kept"] == m["n_train"]
     assert [e["step"] for e in ex["e_steps"]] == [0, 5, 10, 12]
     assert all(0 <= e["agree_observed"] <= 1 for e in ex["e_steps"])
@@ -82,7 +83,7 @@ E2E = ["dataset=digits", "attack=badnets", "defense=vibe_ss_a", "baseline=true",
 def test_vibe_defeats_badnets_on_digits(tmp_path: Path) -> None:
     """Issue 4's done-when: VIBE ASR < 0.05 where no defense reaches > 0.9, clean accuracy within 5
     points (the default digits cell; VIBE-SS-A, SimCLR small_half 20 epochs, 900 EM iterations with an
-    E-step every 150). Measured (session 2): baseline 0.983 / 1.000, VIBE-SS-A 0.958 / 0.003, detection
+    E-step every 150). Measured (docs/vibe.md): baseline 0.983 / 1.000, VIBE-SS-A 0.958 / 0.003, detection
     TPR 0.978 FPR 0.007, relabel acc 0.91 (2,000 s on a 4x-oversubscribed 2-core machine)."""
     m = run_experiment(compose_config([*E2E, f"out={tmp_path / 'r'}", "progress=false"]))
     assert m["baseline"]["asr"] > 0.9

@@ -100,7 +100,8 @@ def test_report_columns_of_the_paper_tables(tmp_path):
         s.add(fake_row("badnets_a2a", "pgbd_nc", seed, 0.85, 0.3, defense_name="pgbd", mode="all_to_all", **pois, time_s=20.0,
                        baseline={"clean_acc": 0.9, "asr": 0.8}, extras={"target_used": 0}))
     s.add(fake_row("badnets", "gssd", 0, 0.8, 0.0, **pois, time_s=50.0, extras={"detected_targets": [0, 3]},
-                   detection={"tpr": 1.0, "fpr": 0.1, "auroc": 0.99}))
+                   detection={"tpr": 1.0, "fpr": 0.1, "auroc": 0.99, "flagged_poison": 12, "poison_kept": 2,
+                              "removal_tpr": 1 - 2 / 19, "uncertain": 40, "uncertain_poison": 5}))
     s.add(fake_row("badnets", "st_pgbd", 0, 0.8, 0.0, **pois, extras={"neural_cleanse": {"inferred_target": 4}}))
     rows = s.rows()
     assert post_hoc_labels(rows) >= {"pgbd_nc", "st_pgbd"} and "gssd" not in post_hoc_labels(rows)
@@ -116,9 +117,10 @@ def test_report_columns_of_the_paper_tables(tmp_path):
     assert tables["cifar10_poison"].rows == [["badnets", "1.00 ± 0.00", "19", "0"], ["badnets_a2a", "1.00 ± 0.00", "19", "0"]]
     assert ["badnets", "pgbd_nc †", "90.0 ± 0.0", "100.0 ± 0.0", "85.0 ± 0.0", "5.0 ± 0.0", "0.93 ± 0.00"] in tables["cifar10_backdoored_vs_defended"].rows
     det = tables["cifar10_detection"]
-    assert det.header[-1] == "target found"
-    assert ["badnets", "gssd", "100.0", "10.0", "99.0", "–", "yes"] in det.rows
-    assert ["badnets", "pgbd_nc", "–", "–", "–", "–", "1/2"] in det.rows and ["badnets", "st_pgbd", "–", "–", "–", "–", "no"] in det.rows
+    assert det.header[6:] == ["target found", "removal TPR", "#poison flagged", "#poison kept", "#uncertain", "#poison uncertain"]
+    assert ["badnets", "gssd", "100.0", "10.0", "99.0", "–", "yes", "89.5", "12", "2", "40", "5"] in det.rows
+    assert ["badnets", "pgbd_nc", "–", "–", "–", "–", "1/2"] + ["–"] * 5 in det.rows
+    assert ["badnets", "st_pgbd", "–", "–", "–", "–", "no"] + ["–"] * 5 in det.rows
     rel = tables["cifar10_time_x_none"]
     assert rel.header == ["Attack", "gssd", "pgbd_nc", "st_pgbd"]
     assert rel.rows[0] == ["badnets", "5.00", "2.50 ± 0.71", "1.00"] and rel.rows[1] == ["badnets_a2a", "–", "2.00 ± 0.00", "–"]
@@ -224,3 +226,14 @@ def test_benchmarks_speed_header_reports_machine_load():
     quiet = mod.machine_load({"cpu_count": 2, "load_avg_1min": 0.4})
     assert "0.40" in quiet and "noisy" not in quiet
     assert "other jobs were running" in mod.machine_load({"cpu_count": 2, "load_avg_1min": 3.0})
+
+
+def test_report_vibe_e_step_table(tmp_path):
+    """VIBE's last E-step diagnostics (``extras.final_e_step``) get their own table, mean ± std over seeds."""
+    s = ResultStore(tmp_path / "results.sqlite")
+    for seed, p in enumerate((0.8, 0.9)):
+        s.add(fake_row("badnets", "vibe_ss_a", seed, 0.7, 0.1,
+                       extras={"final_e_step": {"p_keep": p, "mu_z_norm": 0.6, "agree_observed": 0.9}}))
+    s.add(fake_row("badnets", "none", 0, 0.9, 1.0))
+    tables = {t.name: t for t in build_tables(aggregate(s.rows()), post_hoc_labels(s.rows()))}
+    assert tables["cifar10_e_step"].rows == [["badnets", "vibe_ss_a", "85.0 ± 7.1", "0.60 ± 0.00", "90.0 ± 0.0"]]

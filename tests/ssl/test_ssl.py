@@ -13,7 +13,7 @@ from bdseal.defenses.base import DefenderView, RunContext
 from bdseal.models import build_model
 from bdseal.ssl import backbone_features, extract_features, load_backbone, load_foundation, resolve_cfg
 from bdseal.ssl.byol import BYOL
-from bdseal.ssl.loop import SSLTrainConfig, make_views
+from bdseal.ssl.loop import SSLTrainConfig, make_views, pretrain
 from bdseal.ssl.probe import linear_probe, split_argv
 from bdseal.ssl.simclr import SimCLR, nt_xent
 from bdseal.train.loop import TrainConfig
@@ -97,6 +97,8 @@ def test_cache_key_changes_with_epochs_and_seed(tmp_path: Path) -> None:
     assert p(base, ctx0) != p({**base, "epochs": 2}, ctx0)
     assert p(base, ctx0) != p(base, ctx1)
     assert p(base, ctx0) == p(dict(base), ctx0)
+    fm = {"kind": "foundation", "checkpoint": "/some/dir"}
+    assert p(fm, ctx0) == p(fm, ctx1)  # frozen foundation features: computed once for every seed
 
 
 def test_byol_and_supervised_backbones_run(tmp_path: Path) -> None:
@@ -116,12 +118,20 @@ def test_bad_config_is_a_clear_error() -> None:
         resolve_cfg({"kind": "foundation"})
 
 
-@pytest.mark.parametrize("family", ["dinov2", "vit"])
+@pytest.mark.parametrize("family", ["dinov2", "vit", "clip", "clip_full"])
 def test_foundation_round_trip(tmp_path: Path, family: str) -> None:
+    """A tiny randomly initialised HF checkpoint (DINOv2, ViT, CLIP vision tower) saved to a local directory."""
     transformers = pytest.importorskip("transformers")
     kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14)
-    config = transformers.Dinov2Config(**kw) if family == "dinov2" else transformers.ViTConfig(**kw)
-    model = transformers.AutoModel.from_config(config)
+    if family == "clip":
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw))
+    elif family == "clip_full":  # a whole CLIP checkpoint (text + vision towers): the vision tower is used
+        text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                    max_position_embeddings=16)
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=kw))
+    else:
+        config = transformers.Dinov2Config(**kw) if family == "dinov2" else transformers.ViTConfig(**kw)
+        model = transformers.AutoModel.from_config(config)
     model.save_pretrained(tmp_path / "ckpt")
     enc = load_foundation(tmp_path / "ckpt", "cpu")
     x = torch.rand(3, 3, 16, 16)
@@ -149,3 +159,89 @@ def test_linear_probe_and_argv() -> None:
     assert linear_probe(f[:40], y[:40], f[40:], y[40:]) > 0.9
     ssl, rest = split_argv(["dataset=digits", "ssl.kind=byol", "ssl.epochs=3", "ssl.jitter=[0.1,0.1,0.1,0.0]"])
     assert ssl == {"kind": "byol", "epochs": 3, "jitter": [0.1, 0.1, 0.1, 0.0]} and rest == ["dataset=digits"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _simclr(seed: int = 0) -> SimCLR:
+    torch.manual_seed(seed)
+    return SimCLR(build_model("small_half", 4, in_channels=3, image_size=16, widths=[8, 16, 16]), 16, 32, 8)
+
+
+@pytest.mark.parametrize("kind", ["simclr", "byol"])
+def test_pretrain_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, kind: str) -> None:
+    """Cut after k = 2 of 4 epochs (an exception inside epoch 3, after the epoch-2 checkpoint), resume from
+    the checkpoint: the same weights, optimiser moments and loss history as one uninterrupted run."""
+    x = _view(40).x
+    cfg = SSLTrainConfig(epochs=4, batch_size=16, progress=False)  # 2 steps per epoch
+
+    def method():
+        if kind == "simclr":
+            return _simclr()
+        torch.manual_seed(0)
+        return BYOL(build_model("small_half", 4, in_channels=3, image_size=16, widths=[8, 16, 16]), 16, 32, 8, 32)
+
+    ref = method()
+    hist_ref = pretrain(ref, x, cfg, seed=3)
+    ck = tmp_path / "ssl.ckpt.safetensors"
+    cut = method()
+    real_after = cut.after_step
+
+    def after_step(step: int, total: int) -> None:
+        if step == 4:  # first step of epoch 3
+            raise _Stop
+        real_after(step, total)
+
+    cut.after_step = after_step
+    with pytest.raises(_Stop):
+        pretrain(cut, x, cfg, seed=3, checkpoint=ck, checkpoint_every=1)
+    assert ck.exists()
+    resumed = method()  # a fresh process: new objects, state only from the checkpoint
+    logs: list[str] = []
+    hist = pretrain(resumed, x, cfg, seed=3, checkpoint=ck, log=logs.append)
+    assert "after epoch 2 of 4" in logs[0]
+    assert hist == pytest.approx(hist_ref, abs=0) and len(hist) == 4
+    for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{k} differs after resume"
+
+
+def test_resumed_backbone_has_the_uninterrupted_cache_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ``load_backbone``: a pre-training killed mid-way leaves a checkpoint under the backbone's own key
+    parts; the re-run resumes it, stores the same weights under the same key as an uninterrupted run, and
+    removes the checkpoint. ``checkpoint_every`` does not enter the key."""
+    import bdseal.ssl.features as F
+    from bdseal.ssl import loop as L
+
+    view = _view(40)
+    cfg = {"kind": "simclr", **TINY, "epochs": 3}
+    ref = load_backbone(view, cfg, _ctx(tmp_path / "a"))
+    ctx = _ctx(tmp_path / "b")
+    real = L.pretrain
+
+    def killed(method, *a, **k):
+        method.after_step = lambda step, total: (_ for _ in ()).throw(_Stop()) if step == 2 * 2 else None
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(F, "pretrain", killed)
+    with pytest.raises(_Stop):
+        load_backbone(view, cfg, ctx)
+    parts = F._cache_parts(view, resolve_cfg(cfg), ctx)
+    assert ctx.cache.path(L.CHECKPOINT_KIND, parts).exists()
+    monkeypatch.setattr(F, "pretrain", real)
+    got = load_backbone(view, {**cfg, "checkpoint_every": 2}, ctx)
+    assert not ctx.cache.path(L.CHECKPOINT_KIND, parts).exists()
+    assert ctx.cache.path("ssl_backbone", parts).exists()
+    assert F._cache_parts(view, resolve_cfg({**cfg, "checkpoint_every": 5}), ctx) == parts
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_foreign_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    from bdseal.io import CorruptFileError, save_tree
+
+    ck = tmp_path / "x.safetensors"
+    save_tree(ck, {"a": torch.zeros(2)}, {"kind": "train_checkpoint"})  # a supervised-training checkpoint
+    with pytest.raises(CorruptFileError, match="SSL pre-training checkpoint"):
+        pretrain(_simclr(), _view(8).x, SSLTrainConfig(epochs=1, batch_size=4, progress=False), checkpoint=ck)

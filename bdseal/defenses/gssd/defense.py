@@ -4,15 +4,16 @@
    default, Table 3 ablation via ``backbone.kind``), standardised per dimension over the training set;
 2. one normalizing flow per observed class (:mod:`.flows`, Eq. 1), all trained jointly, batched;
 3. target classes: disruptive test first (Eq. 3-4 histogram rule), then the non-disruptive test on the
-   remaining classes (Eq. 2; absolute β_ND, a relative rule — robust z or leave-one-out z of S_ND across
-   classes — or absolute-or-robust, ``nd_rule``);
+   remaining classes (Eq. 2; ``nd_rule``: ``absolute`` β_ND — the paper's rule [V] — or a relative rule,
+   robust z or leave-one-out z of S_ND across classes, or ``either`` = absolute or robust);
 4. poisoning score π = −log σ_y (Eq. 5-6), split into D̂_P / D̂_U / D̂_C (:mod:`.split`);
 5. retrain a fresh model on D̂_C with the run's recipe, fine-tune on D̂'_P relabelled by Eq. 7
    (or the Table 4 variants, ``retrain``).
 
 Source precedence: REFERENCE.md's GSSD facts (the authors' Appendix E values and code) over the seed text
 and the issue. Unlike the authors' released retraining script, nothing here ever uses which samples are
-truly poisoned: the split is computed from features and observed labels only.
+truly poisoned: the split is computed from features and observed labels only. The result carries the split
+(``flagged`` = D̂_P, ``kept`` = D̂_C) so that the metrics — not the defense — count the poisons in each part.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "flow": {},
     "standardise": True,
     "min_class_size": 8,
-    "nd_rule": "either",  # absolute | robust | loo | either (= absolute or robust)
+    "nd_rule": "absolute",  # the paper's rule [V] | robust | loo | either (= absolute or robust)
     "beta_nd": 0.6,
     "robust_z": 3.5,
     "loo_z": 2.0,
@@ -123,8 +124,9 @@ def analyse(logp: torch.Tensor, labels: torch.Tensor, classes: list[int], c: dic
     }
 
 
-def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Algorithm 1 lines 6-8 (or a Table 4 variant): fit a fresh model, then fine-tune on D̂'_P."""
+def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext) -> tuple[torch.nn.Module, dict[str, Any], torch.Tensor]:
+    """Algorithm 1 lines 6-8 (or a Table 4 variant): fit a fresh model, then fine-tune on D̂'_P. Also returns
+    the mask of samples trained on under their observed labels (D̂_C; everything for ``original_then_finetune``)."""
     tc = ctx.train_cfg.replace(**dict(c.get("train") or {}))
     ft = tc.replace(**c["finetune"])
     rel = split.relabels >= 0
@@ -147,7 +149,7 @@ def retrain(view: DefenderView, split: Split, c: dict[str, Any], ctx: RunContext
         ridx = rel.nonzero().squeeze(1).cpu()
         fit(model, x[ridx], y_rel[ridx], ft, device=ctx.device, seed=ctx.seed + 1, desc="gssd fine-tune")
         info["finetuned_on"] = len(ridx)
-    return model, info
+    return model, info, split.clean.clone() if mode != "original_then_finetune" else torch.ones_like(split.clean)
 
 
 @dataclass
@@ -207,12 +209,12 @@ def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseR
         split = Split(torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool),
                       torch.full((n,), -1, dtype=torch.long))
         ctx.log("gssd: no class flagged as poisoned — training normally on the whole training set")
-    model, info = retrain(view, split, c, ctx)
+    model, info, kept = retrain(view, split, c, ctx)
     extras = _extras(a, classes, det.skipped, split, c, det.nll, info)
     if ctx.run_dir is not None:
         _save_outputs(ctx, c, a, labels, classes, det.features)
     return DefenseResult(model, scores=a["pi"].float(), flagged=split.poisoned.clone(), relabels=split.relabels.clone(),
-                         extras=extras)
+                         kept=kept, extras=extras)
 
 
 def _extras(a: dict[str, Any], classes: list[int], skipped: list[int], split: Split, c: dict[str, Any],

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
-from bdseal.defenses.vibe.em import e_step, joint_log_probs, observed_agreement
+from bdseal.defenses.vibe.em import corruption_diagnostics, e_step, joint_log_probs, observed_agreement
 from bdseal.defenses.vibe.leiden_filter import leiden_filter
 from bdseal.defenses.vibe.model import Prior, VIBEClassifier, VIBEHead
 from bdseal.prototypes import class_means
@@ -41,8 +41,8 @@ from bdseal.ssl import backbone_features, extract_features, load_backbone
 from bdseal.train.loop import Batch, TrainHooks, TrainState, fit
 
 DEFAULTS: dict[str, Any] = {
-    "backbone": "ss", "corruption": "x", "freeze": None, "freeze_mu_y": None, "leiden": None,
-    "ssl": {"kind": "simclr", "arch": "small_half", "epochs": 10},
+    "backbone": "ss", "corruption": "x", "freeze": None, "freeze_mu_y": None, "leiden": None, "normalize_features": None,
+    "ssl": {"kind": "simclr", "arch": "small_half", "epochs": 10, "proj_bn": True, "weight_decay": 1e-6},
     "fm": {"kind": "foundation", "checkpoint": None, "image_size": 224},
     "kappa": 10.0, "nu": None, "prior_scale": 0.02, "lam": 25.0,
     "iterations": 30000, "e_step_every": None, "lr": None, "prior_lr": 0.1, "batch_size": None,
@@ -53,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
 # Per-backbone defaults [V]: SS lr 1e-3, batch 256, T 1000; FM lr 1e-2, batch 1024, T 500.
 BACKBONE_DEFAULTS = {"ss": {"lr": 1e-3, "batch_size": 256, "e_step_every": 1000},
                      "fm": {"lr": 1e-2, "batch_size": 1024, "e_step_every": 500}}
+# Whether SS variants L2-normalise features by default (FM always do, as the authors' code effectively
+# does): decided by the seeded digits comparison in docs/vibe.md ("Feature scale").
+SS_NORMALIZE_DEFAULT = False
 PRESETS = {"vibe_ss_f": {"backbone": "ss", "corruption": "x"}, "vibe_ss_a": {"backbone": "ss", "corruption": "class"},
            "vibe_fm_f": {"backbone": "fm", "corruption": "x"}, "vibe_fm_a": {"backbone": "fm", "corruption": "class"}}
 
@@ -75,6 +78,8 @@ def resolve(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("vibe: foundation backbones are frozen (freeze=false is not supported for backbone=fm)")
     c["freeze_mu_y"] = (fm and c["corruption"] == "class") if c["freeze_mu_y"] is None else bool(c["freeze_mu_y"])
     c["leiden"] = (not fm) if c["leiden"] is None else bool(c["leiden"])
+    nf = c["normalize_features"]
+    c["normalize_features"] = (fm or SS_NORMALIZE_DEFAULT) if nf is None else bool(nf)
     return c
 
 
@@ -105,7 +110,9 @@ class _EM:
         self.labels.copy_(new)
         self.history.append((step, new.to(torch.int32).cpu()))
         self.last_plan = res.log_plan
+        diag = corruption_diagnostics(self.head, v.to(self.y.device))
         entry = {"step": step, "agree_observed": round(observed_agreement(new, self.y), 6), "changed": changed,
+                 **{k: round(val, 6) for k, val in diag.items()},
                  "sinkhorn_iters": res.iterations, "marginal_error": float(f"{res.marginal_error:.3e}")}
         self.log.append(entry)
         self.ctx.log(f"vibe E-step {entry}")
@@ -174,6 +181,12 @@ def _final_outputs(head: VIBEHead, prior: Prior, v_all: torch.Tensor, y_all: tor
     return relabels, flagged, scores
 
 
+def _maybe_unit(v: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+    """Features as the head sees them: L2-normalised with ``normalize_features`` (then the initial class
+    means have norm ≤ 1, as in the authors' FM runs), else raw."""
+    return torch.nn.functional.normalize(v.float(), dim=1) if c["normalize_features"] else v
+
+
 def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """The whole defense: backbone → (Leiden filter) → EM → defended classifier."""
     c = resolve(cfg)
@@ -181,7 +194,8 @@ def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defens
     bcfg = c["fm"] if c["backbone"] == "fm" else c["ssl"]
     feats = backbone_features(view, bcfg, ctx)
     encoder = load_backbone(view, bcfg, ctx)
-    extras: dict[str, Any] = {"variant": {key: c[key] for key in ("backbone", "corruption", "freeze", "freeze_mu_y", "leiden")}}
+    extras: dict[str, Any] = {"variant": {key: c[key] for key in ("backbone", "corruption", "freeze", "freeze_mu_y", "leiden",
+                                                                  "normalize_features")}}
     keep = torch.ones(len(feats), dtype=torch.bool)
     if c["leiden"]:
         lr = leiden_filter(feats, k, k=int(c["leiden_k"]), resolutions=tuple(c["leiden_resolutions"]),
@@ -192,7 +206,8 @@ def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defens
     idx = keep.nonzero().squeeze(1)
     y = view.y[idx].to(dev)
     v0 = feats[idx].to(dev)
-    head = VIBEHead(class_means(v0, y, k), c["kappa"], c["nu"], c["corruption"], c["freeze_mu_y"]).to(dev)
+    head = VIBEHead(class_means(_maybe_unit(v0, c), y, k), c["kappa"], c["nu"], c["corruption"], c["freeze_mu_y"],
+                    normalize_input=c["normalize_features"]).to(dev)
     prior = Prior(k, c["prior_scale"], torch.Generator().manual_seed(ctx.seed)).to(dev)
     em = _EM(head, prior, y, c, ctx)
     em.run(v0, 0, first=True)
@@ -207,7 +222,7 @@ def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defens
         v_all = extract_features(encoder, view.x, dev).to(dev)
     em.run(v_all[idx.to(dev)], int(c["iterations"]))  # final E-step with the trained model
     relabels, flagged, scores = _final_outputs(head, prior, v_all, view.y.to(dev), keep, em)
-    extras.update(e_steps=em.log, n_kept=int(keep.sum()), n_flagged=int(flagged.sum()),
+    extras.update(e_steps=em.log, final_e_step=em.log[-1], n_kept=int(keep.sum()), n_flagged=int(flagged.sum()),
                   prior=[round(float(p), 6) for p in prior.log_prior().detach().exp()])
     model = VIBEClassifier(encoder, head, prior).to(dev).eval()
     history = []

@@ -43,3 +43,18 @@ def e_step(head: VIBEHead, prior: Prior, v: torch.Tensor, y: torch.Tensor, lam: 
 def observed_agreement(labels: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of pseudo-labels equal to the observed labels (the defender's own diagnostic)."""
     return float((labels.to(y.device) == y).float().mean()) if len(y) else float("nan")
+
+
+@torch.no_grad()
+def corruption_diagnostics(head: VIBEHead, v: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
+    """The E-step's view of the corruption model: mean ‖μ_z‖, ‖μ_y‖ and the mean probability of keeping
+    the label, p(y = l | l) (x-conditioned: averaged over the samples ``v`` as well). Near 1/K the
+    corruption model is uninformative and the E-step ignores the observed labels."""
+    if head.corruption == "class" or len(v) == 0:  # p(y|l) does not depend on x: any one row will do
+        probe = torch.zeros(1, head.mu_z.shape[1], device=head.mu_z.device)
+        p_keep = float(head.log_p_y_all(probe)[0].diagonal().exp().mean())
+    else:
+        total = sum(float(head.log_p_y_all(v[s:s + chunk]).diagonal(dim1=1, dim2=2).exp().sum()) for s in range(0, len(v), chunk))
+        p_keep = total / (len(v) * head.num_classes)
+    return {"mu_z_norm": float(head.mu_z.norm(dim=1).mean()), "mu_y_norm": float(head.mu_y.norm(dim=1).mean()),
+            "p_keep": p_keep}

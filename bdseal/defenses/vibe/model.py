@@ -5,6 +5,10 @@
 * corruption, class-conditional ("-A"):  p(y|l) = softmax_y( ν·cos(μ_y[y], μ_z[l]) );
 * corruption, x-conditioned ("-F", the authors' ``mixxcond``):
   p(y|l,x) = softmax_y( ν·⟨normalize(μ_y[y]), normalize(μ_z[l]) + v⟩ ) with v *not* normalised.
+
+``normalize_input=True`` replaces v by v/‖v‖ everywhere in the head. The authors' FM runs see unit-norm
+features (their feature cache is L2-normalised on reload, REFERENCE.md [V]); with raw features of norm
+≈ 15–18 the x-conditioned term ν·⟨·, v⟩ spans tens of logits and drowns the label-dependent part.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class VIBEHead(nn.Module):
     per-class means of the features under the observed labels; ``corruption`` is ``"x"`` or ``"class"``."""
 
     def __init__(self, init_means: torch.Tensor, kappa: float = 10.0, nu: float | None = None,
-                 corruption: str = "x", freeze_mu_y: bool = False) -> None:
+                 corruption: str = "x", freeze_mu_y: bool = False, normalize_input: bool = False) -> None:
         super().__init__()
         if corruption not in ("x", "class"):
             raise ValueError(f"corruption must be 'x' (VIBE-*-F) or 'class' (VIBE-*-A), got {corruption!r}")
@@ -40,6 +44,11 @@ class VIBEHead(nn.Module):
         self.kappa = float(kappa)
         self.nu = float(kappa if nu is None else nu)
         self.corruption = corruption
+        self.normalize_input = bool(normalize_input)
+
+    def embed(self, v: torch.Tensor) -> torch.Tensor:
+        """The embedding the head works on: v, or v/‖v‖ with ``normalize_input``."""
+        return F.normalize(v.float(), dim=1) if self.normalize_input else v.float()
 
     @property
     def num_classes(self) -> int:
@@ -47,7 +56,7 @@ class VIBEHead(nn.Module):
 
     def log_p_l(self, v: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
         """ln p(l|x), (B, K)."""
-        cos = F.normalize(v.float(), dim=1) @ F.normalize(self.mu_z.float(), dim=1).t()
+        cos = F.normalize(v.float(), dim=1) @ F.normalize(self.mu_z.float(), dim=1).t()  # scale-free in v
         return F.log_softmax(self.kappa * cos + log_prior[None, :], dim=1)
 
     def log_p_y_all(self, v: torch.Tensor) -> torch.Tensor:
@@ -56,7 +65,7 @@ class VIBEHead(nn.Module):
         ny = F.normalize(self.mu_y.float(), dim=1)
         logits = self.nu * (nz @ ny.t())  # (K_l, K_y): ν·cos(μ_z[l], μ_y[y])
         if self.corruption == "x":
-            logits = logits[None] + self.nu * (v.float() @ ny.t())[:, None, :]  # + ν·⟨n(μ_y[y]), v⟩
+            logits = logits[None] + self.nu * (self.embed(v) @ ny.t())[:, None, :]  # + ν·⟨n(μ_y[y]), v⟩
         else:
             logits = logits[None].expand(v.shape[0], -1, -1)
         return F.log_softmax(logits, dim=2)
