@@ -137,12 +137,13 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 def default_umap_workers(jobs: int) -> int:
-    """Worker processes for ``jobs`` independent UMAPs: at most numba's thread budget
-    (``NUMBA_NUM_THREADS``, every core unless set) and the CPUs this process may use."""
+    """Worker processes for ``jobs`` independent UMAPs: at most the CPUs this process may use, numba's
+    thread budget (``NUMBA_NUM_THREADS``) and torch's (``OMP_NUM_THREADS``), so a job told to use one
+    thread stays in one process."""
     import numba
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(jobs, cpus, int(numba.config.NUMBA_NUM_THREADS)))
+    return max(1, min(jobs, cpus, int(numba.config.NUMBA_NUM_THREADS), torch.get_num_threads()))
 
 
 def umap_embed_many(xs: Sequence[np.ndarray], dim: int, n_neighbors: int = 15, seeds: Sequence[int | None] | None = None,

@@ -75,6 +75,9 @@ class RunContext:
     progress: bool = True
     log: Callable[[str], None] = print
     cache_parts: dict[str, Any] = field(default_factory=dict)  # what produced the data (for cache keys)
+    # set by the experiment layer: model -> {"clean_acc", "asr"} on the *test* sets, for per-epoch logs only;
+    # a defense may record what it returns but must not decide anything from it
+    epoch_eval: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass

@@ -30,9 +30,26 @@ def test_ablation_rows_run_and_report(tmp_path, name):
         assert ex["weight_epochs"] == [] and ex["weights"]["n_one"] == m["n_train"]  # no weights without WCE
         assert len(ex["trusted_per_epoch"]) == 3
     else:
-        assert ex["weight_epochs"] == [2, 3]
+        assert ex["weight_epochs"] == [2, 3, 4]  # at the end of epochs 2, 3, 4 (the last gives the final scores)
         assert ex["trusted_per_epoch"] == [m["n_train"]] * 3  # WCE alone trusts the whole batch
         assert ex["weights"]["min"] >= -1.0 and ex["weights"]["max"] <= 1.0
+
+
+def test_recipe_control_and_per_epoch_logs(tmp_path):
+    """pgrl_recipe trusts everything with w = 1 and flags nothing; PGRL logs per epoch the trusted-set size,
+    its clean share (computed by the runner from the oracle), test accuracy and ASR, and draws the plot."""
+    m, _ = run_cell(tmp_path, [*TINY, "defense=pgrl_recipe"], "recipe")
+    ex = m["extras"]
+    assert ex["variant"] == "pgrl_recipe" and "detection" not in m
+    assert ex["trusted_per_epoch"] == [m["n_train"]] * 3 and ex["weight_epochs"] == []
+    m2, _ = run_cell(tmp_path, [*TINY, "defense=pgrl"], "pgrl")
+    rows = m2["extras"]["per_epoch"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert "trusted" not in rows[0] and all(0 <= r["clean_acc"] <= 1 for r in rows)  # epoch 1 = warm-up
+    for r in rows[1:]:
+        assert 0 <= r["trusted"] <= m2["n_train"] and 0.0 <= r["trusted_clean_frac"] <= 1.0
+        assert r["poison_trusted"] <= m2["n_poison"]
+    assert (tmp_path / "pgrl" / "pgrl_per_epoch.png").exists()
 
 
 def test_pgrl_cover_and_clean_label_attacks_run(tmp_path):
