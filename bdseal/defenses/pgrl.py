@@ -21,6 +21,7 @@ D_v (``clean_per_class`` per class, the threat model's grant). Nothing here read
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,6 +407,7 @@ class PGRLTrainer(TrainHooks):
         self.epoch, self.step = state.epoch, state.step
         self._trusted_now.zero_()
         self._post_warmup_steps = 0
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, state: TrainState) -> None:
         self.step = state.step
@@ -413,25 +415,37 @@ class PGRLTrainer(TrainHooks):
     def on_epoch_end(self, state: TrainState) -> None:
         self.step = state.step
         rec: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step}
-        if self._post_warmup_steps > 0:
+        if self._post_warmup_steps > 0:  # int() syncs once per epoch, which also closes the epoch's timing
             self.trusted_per_epoch.append(int(self._trusted_now))
             rec["trusted"] = self.trusted_per_epoch[-1]
             if self.cfg.lcv:
                 self.trusted_history.append(self.consistent.detach().cpu().clone())
                 self.history_epochs.append(state.epoch + 1)
+        else:
+            self._sync()
+        rec["train_s"] = round(time.perf_counter() - self._t0, 3)  # the epoch's steps (+ trusted-mask copy), wall
+        rec["train_cpu_s"] = round(time.process_time() - self._c0, 3)  # the same in this process's CPU time
         c = self.cfg
         if c.wce and self.step >= self.next_refresh and self._post_warmup_steps > 0:
+            t, tc = time.perf_counter(), time.process_time()
             self.refresh_weights()
+            rec["refresh_s"] = round(time.perf_counter() - t, 3)
+            rec["refresh_cpu_s"] = round(time.process_time() - tc, 3)  # worker processes' CPU not included
             self.weight_epochs.append(state.epoch + 1)
             self.weight_steps.append(state.step)
             while self.next_refresh <= self.step:
                 self.next_refresh += self.refresh_every
         evaluate = getattr(self.ctx, "epoch_eval", None)
         if c.epoch_eval and evaluate is not None:
-            was = self.model.training
+            was, t = self.model.training, time.perf_counter()
             rec.update({k: float(v) for k, v in evaluate(self.model).items()})
             self.model.train(was)
+            rec["eval_s"] = round(time.perf_counter() - t, 3)
         self.per_epoch.append(rec)
+
+    def _sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
 
     # ---- weights
     def _features(self, x: torch.Tensor) -> torch.Tensor:
