@@ -308,6 +308,7 @@ class PGRLConfig:
     umap_parallel: bool = False  # True: multi-threaded unseeded UMAP (not bit-reproducible)
     umap_workers: int | None = None  # processes for the per-class UMAPs; null = every allowed core (deterministic)
     epoch_eval: bool = True  # log clean accuracy / ASR after every epoch through the runner's callback
+    checkpoint: bool = False  # save model/optimizer/PGRL state to the run dir each epoch; a rerun into it resumes
     loss_reduction: str = "sum"
     flag_rule: str = "reference"  # reference | inconsistent | negative_weight | either
     score: str = "auto"  # auto | weight | lcv
@@ -397,6 +398,42 @@ class PGRLTrainer(TrainHooks):
             strong_kw.setdefault("num_ops", cfg.strong_ops)
         self.strong = build_augment(cfg.strong_augment, **strong_kw)
         self.dv_aug = {"weak": self.weak, "strong": self.strong, "none": build_augment("none")}[cfg.dv_augment]
+        self.ckpt_dir = Path(ctx.run_dir) if cfg.checkpoint and ctx.run_dir is not None else None
+        self._started = False
+
+    # ---- resumable state (``checkpoint: true``)
+    _RESUME_KEYS = ("weights", "consistent", "p_label", "next_refresh", "trusted_per_epoch", "trusted_history",
+                    "history_epochs", "per_epoch", "weight_epochs", "weight_steps", "dv_feat")
+
+    def _state_path(self, epoch: int) -> Path:
+        assert self.ckpt_dir is not None
+        return self.ckpt_dir / f"pgrl_resume_e{epoch}.pt"
+
+    def save_state(self, epoch: int) -> None:
+        """PGRL's per-sample state at the start of ``epoch`` (atomic write); the file of the epoch before
+        is kept, so a stop between this save and fit's own checkpoint still resumes consistently."""
+        state = {k: getattr(self, k) for k in self._RESUME_KEYS}
+        state["trusted_history"] = [t.cpu() for t in self.trusted_history]
+        state["gen"] = self.gen.get_state().cpu()
+        path = self._state_path(epoch)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        for old in self.ckpt_dir.glob("pgrl_resume_e*.pt"):
+            if old.name not in (path.name, self._state_path(epoch - 1).name):
+                old.unlink(missing_ok=True)
+
+    def load_state(self, epoch: int) -> None:
+        path = self._state_path(epoch)
+        if not path.exists():
+            raise FileNotFoundError(f"PGRL resume: training restarts at epoch {epoch} from {self.ckpt_dir / 'pgrl_fit.ckpt'} "
+                                    f"but {path.name} is missing; delete pgrl_fit.ckpt in that run dir to start over")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        dev = self.weights.device
+        for k in self._RESUME_KEYS:
+            v = state[k]
+            setattr(self, k, v.to(dev) if isinstance(v, torch.Tensor) and k != "trusted_history" else v)
+        self.gen.set_state(state["gen"].to(self.gen.get_state().device))
 
     @property
     def in_warmup(self) -> bool:
@@ -404,6 +441,11 @@ class PGRLTrainer(TrainHooks):
 
     # ---- hooks
     def on_epoch_start(self, state: TrainState) -> None:
+        if self.ckpt_dir is not None:
+            if state.epoch > 0 and not self._started:
+                self.load_state(state.epoch)  # fit resumed from its checkpoint: restore PGRL's state of that epoch
+            self.save_state(state.epoch)
+        self._started = True
         self.epoch, self.step = state.epoch, state.step
         self._trusted_now.zero_()
         self._post_warmup_steps = 0
@@ -589,8 +631,13 @@ def run_pgrl(view: DefenderView, cfg: dict[str, Any], ctx: RunContext, *, lcv: b
                                  pc.input_size, pc.feature_grid)
     train_cfg = ctx.train_cfg.replace(**pc.train)
     trainer = PGRLTrainer(model, view, pc, ctx, steps_per_epoch(len(view.y), train_cfg.batch_size, train_cfg.drop_last))
+    ckpt = Path(ctx.run_dir) / "pgrl_fit.ckpt" if trainer.ckpt_dir is not None else None
     fit(model, view.x, view.y, train_cfg, device=ctx.device, loss_fn=trainer.loss, hooks=trainer, seed=ctx.seed,
-        desc=trainer.variant())
+        desc=trainer.variant(), checkpoint=ckpt, resume=ckpt is not None)
+    if ckpt is not None:  # finished: a later run into this dir starts over instead of "resuming" a finished fit
+        ckpt.unlink(missing_ok=True)
+        for f in Path(ctx.run_dir).glob("pgrl_resume_e*.pt"):
+            f.unlink(missing_ok=True)
     if ctx.run_dir is not None:
         torch.save(trainer.state(), Path(ctx.run_dir) / "pgrl_state.pt")
     return DefenseResult(model.eval(), scores=trainer.scores(), flagged=trainer.flagged(), extras=trainer.extras())

@@ -1,6 +1,7 @@
 """End-to-end PGRL / LCV / WCE cells through the experiment runner."""
 
 import pytest
+import torch
 
 from tests.helpers import assert_oracle_blind, run_cell
 
@@ -50,6 +51,44 @@ def test_recipe_control_and_per_epoch_logs(tmp_path):
         assert 0 <= r["trusted"] <= m2["n_train"] and 0.0 <= r["trusted_clean_frac"] <= 1.0
         assert r["poison_trusted"] <= m2["n_poison"]
     assert (tmp_path / "pgrl" / "pgrl_per_epoch.png").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_checkpointed_pgrl_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """defense.checkpoint=true: a run stopped at the start of epoch 3 and re-run into the same dir resumes
+    there and ends with exactly the model, weights and logs of an uninterrupted run."""
+    from bdseal.defenses import pgrl
+
+    over = [*TINY, "defense=pgrl", "defense.checkpoint=true", "defense.epoch_eval=false"]
+    m_full, w_full = run_cell(tmp_path, over, "full")
+    assert not list((tmp_path / "full").glob("pgrl_resume_e*.pt")) and not (tmp_path / "full" / "pgrl_fit.ckpt").exists()
+    real = pgrl.PGRLTrainer.on_epoch_start
+
+    def stop_at_2(self, state):
+        real(self, state)
+        if state.epoch == 2:
+            raise _Stop
+
+    monkeypatch.setattr(pgrl.PGRLTrainer, "on_epoch_start", stop_at_2)
+    with pytest.raises(_Stop):
+        run_cell(tmp_path, over, "cut")
+    assert (tmp_path / "cut" / "pgrl_fit.ckpt").exists() and (tmp_path / "cut" / "pgrl_resume_e2.pt").exists()
+    epochs_run = []
+
+    def count(self, state):
+        epochs_run.append(state.epoch)
+        real(self, state)
+
+    monkeypatch.setattr(pgrl.PGRLTrainer, "on_epoch_start", count)
+    m_res, w_res = run_cell(tmp_path, [*over, "overwrite=true"], "cut")
+    assert epochs_run == [2, 3]  # resumed, not restarted
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+    for key in ("trusted_per_epoch", "weight_epochs", "final_consistent", "weights"):
+        assert m_full["extras"][key] == m_res["extras"][key], key
 
 
 def test_pgrl_cover_and_clean_label_attacks_run(tmp_path):
