@@ -288,7 +288,7 @@ class PGRLConfig:
     weak_augment_args: dict[str, Any] = field(default_factory=dict)  # e.g. padding_mode: reflect
     strong_augment_args: dict[str, Any] = field(default_factory=dict)
     dv_augment: str = "weak"  # weak (authors' code) | strong | none: the view of D_v that makes prototypes and CE
-    dv_copies: int = 2  # D_v enters the loss this many times (authors: anchors + weight-estimation copy)
+    dv_copies: int = 2  # after warm-up D_v enters the loss this many times (authors: anchor + weight-estimation copy)
     epsilon: float = 0.05
     sinkhorn_iters: int = 3
     marginal: str = "uniform"  # uniform | observed
@@ -524,11 +524,14 @@ class PGRLTrainer(TrainHooks):
         return torch.cat(views)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """``dv_copies``·Σ CE(D_v) + Σ_{trusted i, views} w̃_i·CE (REFERENCE.md); D_v only during warm-up."""
+        """``dv_copies``·Σ CE(D_v) + Σ_{trusted i, views} w̃_i·CE (REFERENCE.md); during warm-up Σ CE(D_v) alone.
+        The authors forward the same augmented D_v batch twice (identical inputs); scaling its CE by
+        ``dv_copies`` gives the same gradient without the second forward (only BatchNorm's batch statistics
+        weigh D_v once instead of twice)."""
         c = self.cfg
         xv = self.dv_aug(self._prep(self.xv), generator=self.gen)
-        if self.in_warmup:
-            ce = c.dv_copies * F.cross_entropy(model(xv).float(), self.yv, reduction="sum")
+        if self.in_warmup:  # the authors' warm-up step: one copy of D_v
+            ce = F.cross_entropy(model(xv).float(), self.yv, reduction="sum")
             return ce if c.loss_reduction == "sum" else ce / len(self.yv)
         self._post_warmup_steps += 1
         nv, b = len(self.yv), len(batch.y)

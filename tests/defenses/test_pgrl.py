@@ -238,3 +238,39 @@ def test_per_epoch_oracle_stats_and_plot(tmp_path):
     rows[0].update(clean_acc=0.5, asr=0.9)
     p = plot_per_epoch(rows, 6, tmp_path / "e.png")
     assert p.exists() and p.stat().st_size > 1000
+
+
+def _trainer(**cfg):
+    from bdseal.data.dataset import ImageDataset
+    from bdseal.defenses.base import DefenderView, RunContext
+    from bdseal.defenses.pgrl import PGRLTrainer
+    from bdseal.train.loop import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    train = ImageDataset(torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8), torch.tensor([0, 1] * 4),
+                         ["a", "b"])
+    clean = ImageDataset(torch.randint(0, 256, (4, 3, 16, 16), generator=g, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
+                         ["a", "b"])
+    backbone = build_model("small_half", 2, in_channels=3, image_size=16, widths=(8, 16, 16))
+    model = SphereClassifier(backbone, 2, hidden_dim=8, sphere_dim=4)
+    ctx = RunContext(device=torch.device("cpu"), seed=0, build_model=lambda **k: backbone, train_cfg=TrainConfig(), cache=None)
+    pc = PGRLConfig.from_dict({"n_weak": 1, "n_strong": 1, "dv_augment": "none", "weak_augment": "none",
+                               "strong_augment": "none", "weak_augment_args": {}, "strong_augment_args": {}, "lcv": False, **cfg})
+    return PGRLTrainer(model.eval(), DefenderView(train=train, clean=clean), pc, ctx, steps_per_epoch=2), model, train, clean
+
+
+def test_loss_counts_dv_once_in_warmup_and_dv_copies_times_after():
+    """Without augmentation the loss is a hand-computable sum: warm-up = Σ CE(D_v); after warm-up
+    = dv_copies·Σ CE(D_v) + Σ over views of w·CE (LCV off: all trusted), weights 1."""
+    from bdseal.train.loop import Batch
+
+    tr, model, train, clean = _trainer(warmup_steps=1, dv_copies=2)
+    batch = Batch(train.x.float() / 255, train.y, torch.arange(8), None, train.x)
+    with torch.no_grad():
+        ce_v = F.cross_entropy(model(clean.x.float() / 255), clean.y, reduction="sum")
+        ce_b = F.cross_entropy(model(train.x.float() / 255), train.y, reduction="sum")
+        assert tr.in_warmup
+        assert float(tr.loss(model, batch)) == pytest.approx(float(ce_v), rel=1e-4)
+        tr.step = 1  # past warm-up
+        assert float(tr.loss(model, batch)) == pytest.approx(float(2 * ce_v + 2 * ce_b), rel=1e-4)  # 2 views
+    assert tr.seen.all() and tr.feat_buf.shape == (8, model.feature_dim) and tr.dv_feat.shape == (4, model.feature_dim)
