@@ -45,3 +45,22 @@ def test_bad_inputs():
         sinkhorn_log(torch.randn(3, 2), 0.0)
     with pytest.raises(ValueError):
         sinkhorn_log(torch.randn(3, 2), 0.1, col_marginal=torch.tensor([0.9, 0.9]))
+
+
+def test_tolerance_is_met_and_checked_on_the_returned_plan():
+    """A float32 prior (mass 1 +- 1e-7) used to leave a residual above a tight tol; now the column
+    marginal is rescaled, the run stops early and the returned plan meets tol row by row."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2000, 10, generator=g) * 2
+    logits[torch.arange(2000), torch.randint(0, 10, (2000,), generator=g)] += 4
+    prior = torch.softmax(torch.randn(10, generator=g) * 0.3, 0)  # float32
+    res = sinkhorn_log(logits.log_softmax(1), 1 / 25, col_marginal=prior, max_iter=5000, tol=1e-9)
+    assert res.iterations < 5000 and res.marginal_error <= 1e-9
+    rows = res.log_plan.double().exp().sum(1) * 2000
+    assert (rows - 1).abs().max() < 1e-6  # float32 log_plan output: relative rounding only
+    full = sinkhorn_log(logits.log_softmax(1), 1 / 25, col_marginal=prior, max_iter=res.iterations, tol=None)
+    assert torch.equal(full.assignments(), res.assignments())  # same iterates, stopped at the same one
+    loose = sinkhorn_log(logits.log_softmax(1), 1 / 25, col_marginal=prior, max_iter=5000, tol=1e-3, check_every=1)
+    assert loose.iterations < res.iterations and loose.marginal_error <= 1e-3
+    with pytest.raises(ValueError, match="check_every"):
+        sinkhorn_log(logits, 0.1, check_every=0)

@@ -151,19 +151,36 @@ def _rgb_to_hsv(x: Tensor) -> Tensor:
 
 
 def _hsv_to_rgb(x: Tensor) -> Tensor:
+    """HSV -> RGB in closed form: channel ``n`` (R=5, G=3, B=1) is ``v - v s clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n + 6h) mod 6`` (the same piecewise map as torchvision's, without the 18-plane stack)."""
     h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0, 1)
-    q = (v * (1.0 - s * f)).clamp(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)  # (B, 6, H, W)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
-    return (a4 * mask.unsqueeze(1).to(x.dtype)).sum(dim=2)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+
+
+def _sharp_degenerate(x: Tensor) -> Tensor:
+    """PIL's SMOOTH-filtered image for ImageEnhance.Sharpness; borders keep the original pixels."""
+    c = x.shape[1]
+    k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
+    k[1, 1] = 5.0
+    k = (k / 13.0).expand(c, 1, 3, 3)
+    degenerate = x.clone()
+    degenerate[..., 1:-1, 1:-1] = F.conv2d(x, k, groups=c)
+    return degenerate
+
+
+def _enhance(x: Tensor, kind: Tensor, f: Tensor, sharpness: bool = False) -> Tensor:
+    """One blend ``deg + f (x - deg)`` per sample, its degenerate image chosen by ``kind`` (B,):
+    0 brightness (black), 1 contrast (mean luma), 2 saturation (luma), 3 sharpness (smoothed; only
+    computed when ``sharpness``). Same results as the separate PIL-style ops, in one pass."""
+    kind = kind.view(-1, 1, 1, 1)
+    gray = _gray(x)
+    deg = torch.where(kind == 0, torch.zeros_like(gray), gray.mean(dim=(1, 2, 3), keepdim=True))
+    deg = torch.where(kind == 2, gray, deg).expand_as(x)
+    if sharpness:
+        deg = torch.where(kind == 3, _sharp_degenerate(x), deg)
+    return (deg + f.view(-1, 1, 1, 1) * (x - deg)).clamp_(0, 1)
 
 
 def _hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -175,9 +192,25 @@ def _hue(x: Tensor, shift: Tensor) -> Tensor:
     return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1)).clamp_(0, 1)
 
 
+SYNC_FREE: bool | None = None
+"""How per-sample op choices are applied. ``None`` (default): sync-free on accelerators, masked
+sub-batches on the CPU. ``True``: every op runs on the whole batch and ``torch.where`` keeps each
+sample's own result (no host read-back, fixed shapes). ``False``: each op runs on the sub-batch that
+drew it (fewest FLOPs, but ``mask.any()`` and boolean indexing read back to the host once per op).
+Both give the same images for the same random draws."""
+
+
+def _sync_free(x: Tensor) -> bool:
+    return x.device.type != "cpu" if SYNC_FREE is None else bool(SYNC_FREE)
+
+
 def _apply_masked_(x: Tensor, mask: Tensor, fn: Callable[..., Tensor], *args: Tensor) -> None:
-    """In place: ``x[mask] = fn(x[mask], *(a[mask] for a in args))`` (one op on a sub-batch)."""
-    if bool(mask.any()):
+    """In place: sample ``i`` becomes ``fn(x, *args)[i]`` where ``mask[i]`` (args are per-sample
+    (B,) tensors). Sync-free mode computes ``fn`` on the whole batch and selects with ``torch.where``;
+    masked mode runs ``fn`` on the selected sub-batch only (see :data:`SYNC_FREE`)."""
+    if _sync_free(x):
+        torch.where(mask.view(-1, 1, 1, 1), fn(x, *args), x, out=x)
+    elif bool(mask.any()):
         x[mask] = fn(x[mask], *(a[mask] for a in args))
 
 
@@ -202,14 +235,18 @@ def color_jitter(
         _uniform(max(0.0, 1 - saturation), 1 + saturation, b, generator, dev),
         _uniform(-hue, hue, b, generator, dev),
     ]
-    ops = [_brightness, _contrast, _saturation, _hue]
-    strengths = [brightness, contrast, saturation, hue]
     order = _rand((b, 4), generator, dev).argsort(dim=1)  # per-sample permutation of the 4 ops
     apply = _rand((b,), generator, dev) < p
+    use = torch.tensor([s > 0 for s in (brightness, contrast, saturation, hue)], device=dev)
+    fac = torch.stack(factors[:3], dim=1)  # (B, 3) blend factors
     for k in range(4):
-        for j, op in enumerate(ops):
-            if strengths[j] > 0:
-                _apply_masked_(x, apply & (order[:, k] == j), op, factors[j])
+        op = order[:, k]
+        on = apply & use[op]
+        blend = on & (op < 3)
+        f = fac.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1)
+        _apply_masked_(x, blend, _enhance, op.clamp(max=2), f)
+        if hue > 0:
+            _apply_masked_(x, on & (op == 3), _hue, factors[3])
     return x
 
 
@@ -313,83 +350,104 @@ def _eye(n: int, device: torch.device) -> Tensor:
     return torch.eye(2, 3, device=device).repeat(n, 1, 1)
 
 
-def _op_rotate(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    a = torch.deg2rad(30.0 * m * s)
-    h, w = x.shape[-2:]
-    theta = _eye(len(x), x.device)
-    # rotation in pixel space expressed in normalised coords (aspect-correct)
-    theta[:, 0, 0] = torch.cos(a)
-    theta[:, 0, 1] = -torch.sin(a) * h / w
-    theta[:, 1, 0] = torch.sin(a) * w / h
-    theta[:, 1, 1] = torch.cos(a)
-    return _affine(x, theta)
+def _theta_rotate(v: Tensor, h: int, w: int) -> Tensor:
+    """Rotation by ``v`` degrees (counter-clockwise, as PIL) in normalised coords (aspect-correct)."""
+    a = torch.deg2rad(v)
+    cos, sin = torch.cos(a), torch.sin(a)
+    zero = torch.zeros_like(v)
+    return torch.stack((torch.stack((cos, -sin * h / w, zero), 1), torch.stack((sin * w / h, cos, zero), 1)), 1)
 
 
-def _op_shear_x(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    h, w = x.shape[-2:]
-    theta = _eye(len(x), x.device)
-    theta[:, 0, 1] = 0.3 * m * s * h / w
-    return _affine(x, theta)
+def _theta_shear_x(v: Tensor, h: int, w: int) -> Tensor:
+    """Horizontal shear by factor ``v``."""
+    theta = _eye(len(v), v.device)
+    theta[:, 0, 1] = v * h / w
+    return theta
 
 
-def _op_shear_y(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    h, w = x.shape[-2:]
-    theta = _eye(len(x), x.device)
-    theta[:, 1, 0] = 0.3 * m * s * w / h
-    return _affine(x, theta)
+def _theta_shear_y(v: Tensor, h: int, w: int) -> Tensor:
+    """Vertical shear by factor ``v``."""
+    theta = _eye(len(v), v.device)
+    theta[:, 1, 0] = v * w / h
+    return theta
 
 
-def _op_translate_x(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    theta = _eye(len(x), x.device)
-    theta[:, 0, 2] = 2 * 0.45 * m * s  # up to 45% of the width (torchvision: 150/331)
-    return _affine(x, theta)
+def _theta_translate_x(v: Tensor, h: int, w: int) -> Tensor:
+    """Shift by ``v`` times the width."""
+    theta = _eye(len(v), v.device)
+    theta[:, 0, 2] = 2 * v
+    return theta
 
 
-def _op_translate_y(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    theta = _eye(len(x), x.device)
-    theta[:, 1, 2] = 2 * 0.45 * m * s
-    return _affine(x, theta)
+def _theta_translate_y(v: Tensor, h: int, w: int) -> Tensor:
+    """Shift by ``v`` times the height."""
+    theta = _eye(len(v), v.device)
+    theta[:, 1, 2] = 2 * v
+    return theta
 
 
-def _op_identity(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
+_THETAS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "shear_x": _theta_shear_x,
+    "shear_y": _theta_shear_y,
+    "translate_x": _theta_translate_x,
+    "translate_y": _theta_translate_y,
+    "rotate": _theta_rotate,
+}
+
+
+def _geometric(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    def op(x: Tensor, v: Tensor) -> Tensor:
+        return _affine(x, _THETAS[name](v, *x.shape[-2:]))
+
+    op.__name__ = f"_op_{name}"
+    op.__doc__ = _THETAS[name].__doc__
+    return op
+
+
+_op_rotate = _geometric("rotate")
+_op_shear_x = _geometric("shear_x")
+_op_shear_y = _geometric("shear_y")
+_op_translate_x = _geometric("translate_x")
+_op_translate_y = _geometric("translate_y")
+
+
+def _op_identity(x: Tensor, v: Tensor) -> Tensor:
     return x
 
 
-def _op_brightness(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    return _brightness(x, 1 + 0.9 * m * s)
+def _op_brightness(x: Tensor, v: Tensor) -> Tensor:
+    """PIL ImageEnhance.Brightness with factor ``v`` (0 = black, 1 = unchanged)."""
+    return _brightness(x, v)
 
 
-def _op_color(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    return _saturation(x, 1 + 0.9 * m * s)
+def _op_color(x: Tensor, v: Tensor) -> Tensor:
+    """PIL ImageEnhance.Color (saturation) with factor ``v``."""
+    return _saturation(x, v)
 
 
-def _op_contrast(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    return _contrast(x, 1 + 0.9 * m * s)
+def _op_contrast(x: Tensor, v: Tensor) -> Tensor:
+    """PIL ImageEnhance.Contrast with factor ``v``."""
+    return _contrast(x, v)
 
 
-def _op_sharpness(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    c = x.shape[1]
-    k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-    k[1, 1] = 5.0
-    k = (k / 13.0).expand(c, 1, 3, 3)
-    blurred = F.conv2d(x, k, groups=c)  # valid conv; borders keep the original pixels (as PIL)
-    degenerate = x.clone()
-    degenerate[..., 1:-1, 1:-1] = blurred
-    return _blend(x, degenerate, 1 + 0.9 * m * s)
+def _op_sharpness(x: Tensor, v: Tensor) -> Tensor:
+    """PIL ImageEnhance.Sharpness with factor ``v`` (blend with the 3x3 smoothed image)."""
+    return _blend(x, _sharp_degenerate(x), v)
 
 
-def _op_posterize(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    shift = torch.round(4 * m).to(torch.int64).view(-1, 1, 1, 1)  # keep 8 - round(4m) bits
+def _op_posterize(x: Tensor, v: Tensor) -> Tensor:
+    """Keep the ``round(v)`` most significant bits (clamped to 0..8)."""
+    shift = (8 - torch.round(v).clamp(0, 8)).to(torch.int64).view(-1, 1, 1, 1)
     xi = (x * 255).round().to(torch.int64)
     return ((xi >> shift) << shift).to(x.dtype) / 255
 
 
-def _op_solarize(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
-    thr = (1.0 - m).view(-1, 1, 1, 1)
-    return torch.where(x >= thr, 1.0 - x, x)
+def _op_solarize(x: Tensor, v: Tensor) -> Tensor:
+    """Invert pixels at or above threshold ``v`` (in [0, 1])."""
+    return torch.where(x >= v.view(-1, 1, 1, 1), 1.0 - x, x)
 
 
-def _op_autocontrast(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
+def _op_autocontrast(x: Tensor, v: Tensor) -> Tensor:
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
     span = hi - lo
@@ -397,7 +455,7 @@ def _op_autocontrast(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
     return torch.where(ok, (x - lo) / torch.where(ok, span, torch.ones_like(span)), x).clamp_(0, 1)
 
 
-def _op_equalize(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
+def _op_equalize(x: Tensor, v: Tensor) -> Tensor:
     """Exact PIL/torchvision histogram equalisation per sample and channel, batched."""
     b, c, h, w = x.shape
     xi = (x * 255).round().to(torch.int64).reshape(b * c, h * w)
@@ -412,7 +470,7 @@ def _op_equalize(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
     return (out.to(x.dtype) / 255).reshape(b, c, h, w)
 
 
-RANDAUGMENT_OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+RANDAUGMENT_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "identity": _op_identity,
     "shear_x": _op_shear_x,
     "shear_y": _op_shear_y,
@@ -428,6 +486,104 @@ RANDAUGMENT_OPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "autocontrast": _op_autocontrast,
     "equalize": _op_equalize,
 }
+"""Op name -> ``fn(x, v)`` with ``v`` (B,) the op's own parameter (degrees, shear factor, fraction
+of the image, enhance factor, bits, threshold; ignored by identity/autocontrast/equalize)."""
+
+_PARAM_FREE = frozenset({"identity", "autocontrast", "equalize"})
+
+# torchvision-style magnitude m in [0, 1] and sign s in {-1, 1} -> the op's parameter
+_MAGNITUDE_SCALE: dict[str, tuple[float, float, float]] = {
+    # name: (offset, scale of m, scale of m*s)  ->  v = offset + a*m + b*m*s
+    "shear_x": (0.0, 0.0, 0.3),
+    "shear_y": (0.0, 0.0, 0.3),
+    "translate_x": (0.0, 0.0, 0.45),  # up to 45% of the size (torchvision: 150/331)
+    "translate_y": (0.0, 0.0, 0.45),
+    "rotate": (0.0, 0.0, 30.0),
+    "brightness": (1.0, 0.0, 0.9),
+    "color": (1.0, 0.0, 0.9),
+    "contrast": (1.0, 0.0, 0.9),
+    "sharpness": (1.0, 0.0, 0.9),
+    "posterize": (8.0, -4.0, 0.0),  # keep 8 - 4m bits
+    "solarize": (1.0, -1.0, 0.0),  # threshold 1 - m
+}
+
+RANDAUGMENT_RANGES: dict[str, dict[str, tuple[float, float] | None]] = {
+    # PGRL (arXiv 2509.08748) Table 10, the FixMatch pool: parameters drawn uniformly per sample.
+    # Solarize's range is not given there; FixMatch draws the threshold over the whole 0..255 range.
+    "pgrl": {
+        "autocontrast": None,
+        "brightness": (0.05, 0.95),
+        "color": (0.05, 0.95),
+        "contrast": (0.05, 0.95),
+        "identity": None,
+        "rotate": (-30.0, 30.0),
+        "sharpness": (0.05, 0.95),
+        "shear_x": (-0.3, 0.3),
+        "shear_y": (-0.3, 0.3),
+        "solarize": (0.0, 1.0),
+        "translate_x": (-0.3, 0.3),
+        "translate_y": (-0.3, 0.3),
+    },
+}
+"""Named per-op parameter ranges for :func:`rand_augment` (``ranges="pgrl"``)."""
+
+
+def _resolve_ranges(
+    ranges: str | dict[str, Any], ops: tuple[str, ...] | list[str] | None
+) -> tuple[list[str], Tensor]:
+    """Op names and a (n_ops, 2) tensor of [lo, hi] parameter ranges (0, 0 for param-free ops)."""
+    if isinstance(ranges, str):
+        if ranges not in RANDAUGMENT_RANGES:
+            raise DataError(f"unknown RandAugment ranges {ranges!r}; known presets: {sorted(RANDAUGMENT_RANGES)}")
+        table: dict[str, Any] = dict(RANDAUGMENT_RANGES[ranges])
+    else:
+        table = dict(ranges)
+    names = list(ops) if ops is not None else list(table)
+    rows = []
+    for n in names:
+        if n not in RANDAUGMENT_OPS:
+            raise DataError(f"unknown RandAugment op {n!r} in ranges; known: {sorted(RANDAUGMENT_OPS)}")
+        r = table.get(n)
+        if r is None:
+            if n not in _PARAM_FREE:
+                raise DataError(f"RandAugment ranges: op {n!r} needs a [lo, hi] range (or drop it from ops)")
+            rows.append((0.0, 0.0))
+            continue
+        lo, hi = (float(t) for t in r)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise DataError(f"RandAugment ranges: op {n!r} needs finite lo <= hi, got {r!r}")
+        rows.append((lo, hi))
+    return names, torch.tensor(rows, dtype=torch.float32)
+
+
+_ENHANCE_KIND = {"brightness": 0, "contrast": 1, "color": 2, "sharpness": 3}
+
+
+def _rand_augment_stage_(x: Tensor, names: list[str], choice: Tensor, v: Tensor) -> None:
+    """In place: sample ``i`` gets op ``names[choice[i]]`` at parameter ``v[i]``. The geometric ops
+    share one ``grid_sample`` (per-sample theta) and the enhance ops one blend (per-sample degenerate),
+    so a stage costs a handful of batch passes instead of one per op."""
+    h, w = x.shape[-2:]
+    geo = [(j, n) for j, n in enumerate(names) if n in _THETAS]
+    if geo:
+        theta, is_geo = _eye(len(x), x.device), torch.zeros_like(choice, dtype=torch.bool)
+        for j, n in geo:
+            sel = choice == j
+            theta = torch.where(sel.view(-1, 1, 1), _THETAS[n](v, h, w), theta)
+            is_geo |= sel
+        _apply_masked_(x, is_geo, _affine, theta)
+    enh = [(j, _ENHANCE_KIND[n]) for j, n in enumerate(names) if n in _ENHANCE_KIND]
+    if enh:
+        kind, is_enh = torch.zeros_like(choice), torch.zeros_like(choice, dtype=torch.bool)
+        for j, k in enh:
+            sel = choice == j
+            kind = torch.where(sel, k, kind)
+            is_enh |= sel
+        sharp = "sharpness" in names
+        _apply_masked_(x, is_enh, lambda t, kd, f: _enhance(t, kd, f, sharpness=sharp), kind, v)
+    for j, n in enumerate(names):
+        if n != "identity" and n not in _THETAS and n not in _ENHANCE_KIND:
+            _apply_masked_(x, choice == j, RANDAUGMENT_OPS[n], v)
 
 
 def rand_augment(
@@ -437,30 +593,42 @@ def rand_augment(
     num_magnitude_bins: int = 31,
     random_magnitude: bool = False,
     ops: tuple[str, ...] | None = None,
+    ranges: str | dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """RandAugment: each sample gets ``num_ops`` ops drawn uniformly from :data:`RANDAUGMENT_OPS`
-    (or ``ops``) at strength ``magnitude / (num_magnitude_bins - 1)`` (torchvision scale, 9 of 30
-    by default), with a random sign for signed ops. ``random_magnitude`` draws each sample's
-    strength uniformly in [0, magnitude] (FixMatch style). Each op runs once per stage on the
-    masked sub-batch that drew it."""
+    (or ``ops``). Default strength: ``magnitude / (num_magnitude_bins - 1)`` (torchvision scale, 9 of
+    30), with a random sign for signed ops; ``random_magnitude`` draws each sample's strength
+    uniformly in [0, magnitude] (FixMatch style). ``ranges`` (a preset name such as ``"pgrl"`` =
+    PGRL Table 10, or ``{op: [lo, hi] | None}``) instead draws each op's own parameter uniformly in
+    its range per sample, over the listed ops (magnitude settings are then unused). Per-sample
+    choices and parameters are tensors; see :data:`SYNC_FREE` for how ops are applied."""
     x = _check(x).clone()
-    names = list(ops) if ops is not None else list(RANDAUGMENT_OPS)
+    b, dev = x.shape[0], x.device
+    if ranges is not None:
+        names, bounds = _resolve_ranges(ranges, ops)
+        bounds = bounds.to(dev)
+    else:
+        names = list(ops) if ops is not None else list(RANDAUGMENT_OPS)
+        bounds = None
     unknown = [n for n in names if n not in RANDAUGMENT_OPS]
     if unknown or not names:
         raise DataError(f"unknown RandAugment ops {unknown}; known: {sorted(RANDAUGMENT_OPS)}")
-    fns = [RANDAUGMENT_OPS[n] for n in names]
-    b, dev = x.shape[0], x.device
     m_max = float(magnitude) / (num_magnitude_bins - 1)
-    if not 0 <= m_max <= 1:
+    if bounds is None and not 0 <= m_max <= 1:
         raise DataError(f"magnitude must be in [0, {num_magnitude_bins - 1}], got {magnitude}")
+    coef = torch.tensor([_MAGNITUDE_SCALE.get(n, (0.0, 0.0, 0.0)) for n in names], device=dev)  # (n_ops, 3)
     for _ in range(num_ops):
-        choice = _randint(len(fns), (b,), generator, dev)
-        mag = _rand((b,), generator, dev) * m_max if random_magnitude else torch.full((b,), m_max, device=dev)
-        sign = torch.where(_rand((b,), generator, dev) < 0.5, -1.0, 1.0)
-        for j, fn in enumerate(fns):
-            if fn is not _op_identity:
-                _apply_masked_(x, choice == j, fn, mag, sign)
+        choice = _randint(len(names), (b,), generator, dev)
+        if bounds is not None:
+            lo, hi = bounds[choice].unbind(1)
+            v = lo + (hi - lo) * _rand((b,), generator, dev)
+        else:
+            mag = _rand((b,), generator, dev) * m_max if random_magnitude else torch.full((b,), m_max, device=dev)
+            sign = torch.where(_rand((b,), generator, dev) < 0.5, -1.0, 1.0)
+            c0, c1, c2 = coef[choice].unbind(1)
+            v = c0 + c1 * mag + c2 * mag * sign
+        _rand_augment_stage_(x, names, choice, v)
     return x.clamp_(0, 1)
 
 

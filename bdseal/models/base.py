@@ -61,13 +61,13 @@ class StagedClassifier(nn.Module):
         as in ``named_modules()``); submodule outputs are captured with temporary forward hooks, so they
         stay in the autograd graph (PGBD differentiates through the raw last-conv output, REFERENCE)."""
         stage_names = set(self.stages.keys())
-        modules = dict(self.named_modules())
-        unknown = [n for n in layers if n not in stage_names and (n not in modules or n == "")]
+        modules = {n: self._submodule(n) for n in layers if n not in stage_names}  # path lookups, no full walk
+        unknown = [n for n, m in modules.items() if m is None]
         if unknown:
             raise KeyError(f"unknown layer(s) {sorted(unknown)}; this model has stages {self.layer_names} "
                            f"or submodules such as {self.last_conv_name()!r}")
         acts: dict[str, torch.Tensor] = {}
-        handles = [modules[n].register_forward_hook(self._capture(acts, n)) for n in layers if n not in stage_names]
+        handles = [m.register_forward_hook(self._capture(acts, n)) for n, m in modules.items()]
         try:
             h = self.normalize(x)
             for name, stage in self.stages.items():
@@ -85,6 +85,15 @@ class StagedClassifier(nn.Module):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             store[name] = output
         return hook
+
+    def _submodule(self, name: str) -> nn.Module | None:
+        """The submodule at dotted path ``name`` (as in ``named_modules()``), or None."""
+        if not name:
+            return None
+        try:
+            return self.get_submodule(name)
+        except AttributeError:
+            return None
 
     def last_conv_name(self) -> str:
         """Dotted path of the last ``nn.Conv2d`` inside the stages (PGBD's layer: REFERENCE "last conv of

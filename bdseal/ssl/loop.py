@@ -100,7 +100,7 @@ def pretrain(method: nn.Module, x: torch.Tensor, cfg: SSLTrainConfig, *, device:
     bar = tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(x), generator=gen).to(device)
-        run = 0.0
+        run = torch.zeros((), device=device)  # summed on the device: one read-back per epoch
         for s in range(spe):
             v1, v2 = make_views(x[perm[s * bs:(s + 1) * bs]], cfg, aug_gen)
             if cfg.channels_last:
@@ -114,10 +114,11 @@ def pretrain(method: nn.Module, x: torch.Tensor, cfg: SSLTrainConfig, *, device:
             opt.step()
             method.after_step(step, total)
             step += 1
-            run += float(loss.detach())
+            run += loss.detach().float()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-        history.append(run / max(1, spe))
+            if cfg.progress and step % 25 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+        history.append(float(run) / max(1, spe))
     bar.close()
     method.eval()
     return history

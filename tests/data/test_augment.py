@@ -121,12 +121,12 @@ def _from_pil(im: Image.Image) -> torch.Tensor:
 def test_ops_match_pil() -> None:
     x = _batch(3, h=12, w=10)
     xf = to_float(x)
-    m, s = torch.full((3,), 0.5), torch.ones(3)
+    v = lambda t: torch.full((3,), float(t))  # noqa: E731
     to8 = lambda t: (t * 255).round().to(torch.uint8)  # noqa: E731
-    eq = to8(A._op_equalize(xf, m, s))
-    post = to8(A._op_posterize(xf, m, s))
-    rot = to8(A._op_rotate(xf, torch.full((3,), 1 / 3), s))
-    sol = to8(A._op_solarize(xf, m, s))
+    eq = to8(A._op_equalize(xf, v(0)))
+    post = to8(A._op_posterize(xf, v(6)))
+    rot = to8(A._op_rotate(xf, v(10)))
+    sol = to8(A._op_solarize(xf, v(0.5)))
     for i in range(3):
         assert torch.equal(eq[i], _from_pil(ImageOps.equalize(_pil(x[i]))))
         assert torch.equal(post[i], _from_pil(ImageOps.posterize(_pil(x[i]), 6)))
@@ -147,3 +147,74 @@ def test_build_augment_registry() -> None:
         build_augment("mixup")
     with pytest.raises(DataError, match="unknown option"):
         build_augment("crop_flip", size=3)
+
+
+def _both_modes(monkeypatch: pytest.MonkeyPatch, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    monkeypatch.setattr(A, "SYNC_FREE", False)
+    masked = fn()
+    monkeypatch.setattr(A, "SYNC_FREE", True)
+    return masked, fn()
+
+
+@pytest.mark.parametrize("which", ["simclr", "randaugment", "randaugment_pgrl", "randaugment_random_mag"])
+def test_sync_free_mode_gives_the_same_images(monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    x = _batch(24, h=12, w=12, seed=3)
+    kw = {"simclr": ("simclr", {}), "randaugment": ("randaugment", {}),
+          "randaugment_pgrl": ("randaugment", {"ranges": "pgrl", "padding_mode": "reflect"}),
+          "randaugment_random_mag": ("randaugment", {"random_magnitude": True})}[which]
+    aug = build_augment(kw[0], **kw[1])
+    masked, free = _both_modes(monkeypatch, lambda: aug(x, generator=_gen(7)))
+    assert torch.allclose(masked, free, atol=1e-5)
+    assert not torch.equal(free, to_float(x))
+
+
+def test_sync_free_mode_makes_no_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sync-free mode never calls bool()/.item() on a tensor (the per-op read-backs it removes)."""
+    monkeypatch.setattr(A, "SYNC_FREE", True)
+    calls = []
+    orig_bool, orig_item = torch.Tensor.__bool__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: calls.append("bool") or orig_bool(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or orig_item(t))
+    x = _batch(8)
+    simclr_augment(x, generator=_gen(0))
+    rand_augment(x, generator=_gen(0))
+    rand_augment(x, ranges="pgrl", generator=_gen(0))
+    assert calls == []
+    monkeypatch.setattr(A, "SYNC_FREE", False)
+    rand_augment(x, generator=_gen(0))
+    assert "bool" in calls  # the masked mode does read back (the counter works)
+
+
+def test_ranged_parameters_follow_the_ranges() -> None:
+    x = to_float(_batch(64, seed=1))
+    # brightness only, factor in [0.2, 0.3]: every pixel scales by one factor in that range
+    y = rand_augment(x, num_ops=1, ranges={"brightness": (0.2, 0.3)}, generator=_gen(0))
+    ratio = (y.flatten(1) / x.flatten(1).clamp_min(1e-6))[x.flatten(1) > 0.2]
+    assert ratio.min() >= 0.2 - 1e-5 and ratio.max() <= 0.3 + 1e-5
+    per = y.flatten(1).sum(1) / x.flatten(1).sum(1)
+    assert per.std() > 0.01  # drawn per sample, not once per batch
+    # a degenerate range [a, a] equals the op at a
+    z = rand_augment(x, num_ops=1, ranges={"rotate": (10.0, 10.0)}, generator=_gen(0))
+    assert torch.equal(z, A._op_rotate(x, torch.full((64,), 10.0)).clamp(0, 1))
+    # the PGRL preset covers Table 10's twelve ops and drops equalize/posterize
+    names, bounds = A._resolve_ranges("pgrl", None)
+    assert len(names) == 12 and "equalize" not in names and "posterize" not in names
+    assert bounds[names.index("rotate")].tolist() == [-30.0, 30.0]
+    assert bounds[names.index("translate_x")].tolist() == pytest.approx([-0.3, 0.3])
+    with pytest.raises(DataError, match="needs a"):
+        rand_augment(x, ranges={"rotate": None})
+    with pytest.raises(DataError, match="lo <= hi"):
+        rand_augment(x, ranges={"rotate": (5, -5)})
+    with pytest.raises(DataError, match="presets"):
+        rand_augment(x, ranges="fixmatch2")
+    aug = build_augment("randaugment", ranges="pgrl", padding_mode="reflect", num_ops=3)
+    assert aug(_batch(4), generator=_gen(0)).shape == (4, 3, 16, 16)
+
+
+def test_magnitude_mode_matches_the_torchvision_scale() -> None:
+    """Default mode: rotate at magnitude 9/30 is +-9 degrees, translate 0.45*m of the size."""
+    x = to_float(_batch(32, seed=2))
+    y = rand_augment(x, num_ops=1, ops=("rotate",), generator=_gen(4))
+    plus, minus = A._op_rotate(x, torch.full((32,), 9.0)), A._op_rotate(x, torch.full((32,), -9.0))
+    for i in range(32):
+        assert torch.equal(y[i], plus[i].clamp(0, 1)) or torch.equal(y[i], minus[i].clamp(0, 1))

@@ -82,8 +82,8 @@ class PAVState:
     active: torch.Tensor  # (K,) bool: classes whose samples contribute to L_s
     shadow_centres: torch.Tensor | None = None  # ST-PGBD: centres of triggered D_S
     shadow: torch.Tensor | None = None  # ST-PGBD: P'_c
-    ls_sum: float = 0.0
-    ce_sum: float = 0.0
+    ls_sum: float | torch.Tensor = 0.0  # per-epoch sums, device tensors during the epoch
+    ce_sum: float | torch.Tensor = 0.0
     n_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -197,8 +197,8 @@ class Sanitiser:
         feat = to_space(acts[self.layer], self.space)
         ce = F.cross_entropy(logits.float(), batch.y)
         ls = sanitisation_terms(feat, batch.y, self.state.centres, self.state.V, self.state.active).sum()
-        self.state.ls_sum += float(ls.detach())
-        self.state.ce_sum += float(ce.detach())
+        self.state.ls_sum = self.state.ls_sum + ls.detach().float()  # stays on the device: read once per epoch
+        self.state.ce_sum = self.state.ce_sum + ce.detach().float()
         self.state.n_steps += 1
         return ce + self.lam * ls
 
@@ -218,7 +218,7 @@ class _Hooks(TrainHooks):
     def on_epoch_end(self, state: TrainState) -> None:
         s = self.san.state
         n = max(1, s.n_steps)
-        s.history.append({"epoch": state.epoch, "ls": s.ls_sum / n, "ce": s.ce_sum / n})
+        s.history.append({"epoch": state.epoch, "ls": float(s.ls_sum) / n, "ce": float(s.ce_sum) / n})
         every = self.san.update_every
         if every and (state.epoch + 1) % every == 0:
             self.san.update_prototypes()
