@@ -82,6 +82,9 @@ class RunContext:
     # the seed): a defense may add it to its own cache keys. Nothing about the attack (its name, target,
     # parameters) enters it — the attack is the oracle's (DESIGN.md, the defender/oracle wall).
     cache_key: str = ""
+    # set by the experiment layer: model -> {"clean_acc", "asr"} on the *test* sets, for per-epoch logs only;
+    # a defense may record what it returns but must not decide anything from it
+    epoch_eval: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass

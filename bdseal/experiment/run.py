@@ -343,6 +343,7 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
         backdoored_model=copy.deepcopy(baseline_model) if spec.post_hoc else None,
         known_target=int(cfg.attack.target) if cfg.defender.target_known and cfg.attack.name != "none" else None,
     )
+    ctx.epoch_eval = lambda model: evaluate(model, ps, device)  # per-epoch logs (test set; defenses only record it)
     log.info("defense %s on %s/%s (%d train, %d poisoned)", spec.name, cfg.dataset.name, cfg.attack.name, len(ps.train), int(ps.oracle.is_poison.sum()))
     if spec.name == "none" and not cfg.get("backdoored_ckpt"):
         # defense=none is the backdoored model M_B itself: the same cached training as the defended cells'
@@ -376,6 +377,10 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
             log.info("relabelling round (oracle view) %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     if result.extras:
         metrics["extras"] = result.extras
+    if (out / "pgrl_state.safetensors").exists():
+        from bdseal.defenses.pgrl import add_oracle_per_epoch
+
+        add_oracle_per_epoch(out, metrics, ps.oracle.is_poison)
     if cfg.figures.enabled:
         from bdseal.experiment.figures import draw_ground_truth_figures
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from bdseal.defenses.pgrl import (
     PGRLConfig, SphereClassifier, fresh_weights, gaussian_max_log_density, lcv_plans, lcv_pseudo_labels,
-    normalize_weights, plot_weight_distribution, umap_reduce, vote_labels, wce_log_density, wce_loss,
+    normalize_weights, per_epoch_oracle_stats, plot_per_epoch, plot_weight_distribution, steps_per_epoch, umap_reduce,
+    vote_labels, wce_log_density, wce_loss,
 )
 from bdseal.models import build_model
 
@@ -190,3 +191,86 @@ def test_plot_weight_distribution(tmp_path):
     p = plot_weight_distribution(w, mask, path=tmp_path / "w.png")
     assert p.exists() and p.stat().st_size > 1000
     assert plot_weight_distribution(w, path=tmp_path / "w2.png").exists()
+
+
+def test_lcv_plans_batched_over_views_equal_per_view_swav():
+    """All views solved in one batched call = SwAV's loop run on each view separately."""
+    g = torch.Generator().manual_seed(3)
+    protos = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1)
+    s = torch.stack([F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=1) @ protos.T for _ in range(5)])
+    plans = lcv_plans(s, 0.05, 3)
+    assert plans.shape == (5, 30, 4) and plans.dtype == torch.float32
+    for v in range(5):
+        assert torch.allclose(plans[v].double(), _swav_reference(s[v], 0.05, 3), atol=1e-5)
+
+
+def test_schedule_in_steps_overrides_epochs():
+    c = PGRLConfig.from_dict({})
+    assert c.schedule_steps(260) == (1300, 2600, 1300)  # the paper's 5 / 10 / 5 epochs at 260 steps per epoch
+    c2 = PGRLConfig.from_dict({"warmup_steps": 400, "weight_start_step": 900, "weight_every_steps": 250})
+    assert c2.schedule_steps(10) == (400, 900, 250)
+    assert steps_per_epoch(47_400, 192) == 247 and steps_per_epoch(100, 192) == 1
+    assert steps_per_epoch(500, 192, drop_last=True) == 2
+    with pytest.raises(ValueError, match="dv_augment"):
+        PGRLConfig.from_dict({"dv_augment": "mixed"})
+
+
+def test_sphere_classifier_authors_resolution_and_grid_feature():
+    """input_size 64 + feature_grid 2: 32x32 images are resized and the last map is pooled to 2x2, so the
+    projector's input is 4x the backbone's feature_dim (ResNet-18: 2048)."""
+    backbone = build_model("small_half", 10, in_channels=3, image_size=32)
+    m = SphereClassifier(backbone, 10, hidden_dim=32, sphere_dim=16, input_size=64, feature_grid=2)
+    assert m.feature_dim == 4 * backbone.feature_dim and m.projector[0].in_features == m.feature_dim
+    x = torch.rand(3, 3, 32, 32)
+    assert m.resize(x).shape == (3, 3, 64, 64)
+    h, z, logits = m.embed_all(x)
+    assert h.shape == (3, m.feature_dim) and logits.shape == (3, 10)
+    assert torch.allclose(m(x), m(m.resize(x)), atol=1e-5)  # resizing is idempotent at the target size
+
+
+def test_per_epoch_oracle_stats_and_plot(tmp_path):
+    poison = torch.tensor([True, False, False, False, True, False])
+    hist = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    rows = per_epoch_oracle_stats({"trusted_history": hist, "history_epochs": torch.tensor([2, 3])}, poison)
+    assert rows[0] == {"epoch": 2, "trusted": 3, "trusted_clean_frac": pytest.approx(2 / 3), "poison_trusted": 1}
+    assert rows[1]["trusted"] == 4 and rows[1]["trusted_clean_frac"] == 1.0 and rows[1]["poison_trusted"] == 0
+    assert per_epoch_oracle_stats({"trusted_history": torch.zeros(0, 6, dtype=torch.bool)}, poison) == []
+    rows[0].update(clean_acc=0.5, asr=0.9)
+    p = plot_per_epoch(rows, 6, tmp_path / "e.png")
+    assert p.exists() and p.stat().st_size > 1000
+
+
+def _trainer(**cfg):
+    from bdseal.data.dataset import ImageDataset
+    from bdseal.defenses.base import DefenderView, RunContext
+    from bdseal.defenses.pgrl import PGRLTrainer
+    from bdseal.train.loop import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    train = ImageDataset(torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8), torch.tensor([0, 1] * 4),
+                         ["a", "b"])
+    clean = ImageDataset(torch.randint(0, 256, (4, 3, 16, 16), generator=g, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
+                         ["a", "b"])
+    backbone = build_model("small_half", 2, in_channels=3, image_size=16, widths=(8, 16, 16))
+    model = SphereClassifier(backbone, 2, hidden_dim=8, sphere_dim=4)
+    ctx = RunContext(device=torch.device("cpu"), seed=0, build_model=lambda **k: backbone, train_cfg=TrainConfig(), cache=None)
+    pc = PGRLConfig.from_dict({"n_weak": 1, "n_strong": 1, "dv_augment": "none", "weak_augment": "none",
+                               "strong_augment": "none", "weak_augment_args": {}, "strong_augment_args": {}, "lcv": False, **cfg})
+    return PGRLTrainer(model.eval(), DefenderView(train=train, clean=clean), pc, ctx, steps_per_epoch=2), model, train, clean
+
+
+def test_loss_counts_dv_once_in_warmup_and_dv_copies_times_after():
+    """Without augmentation the loss is a hand-computable sum: warm-up = Σ CE(D_v); after warm-up
+    = dv_copies·Σ CE(D_v) + Σ over views of w·CE (LCV off: all trusted), weights 1."""
+    from bdseal.train.loop import Batch
+
+    tr, model, train, clean = _trainer(warmup_steps=1, dv_copies=2)
+    batch = Batch(train.x.float() / 255, train.y, torch.arange(8), None, train.x)
+    with torch.no_grad():
+        ce_v = F.cross_entropy(model(clean.x.float() / 255), clean.y, reduction="sum")
+        ce_b = F.cross_entropy(model(train.x.float() / 255), train.y, reduction="sum")
+        assert tr.in_warmup
+        assert float(tr.loss(model, batch)) == pytest.approx(float(ce_v), rel=1e-4)
+        tr.step = 1  # past warm-up
+        assert float(tr.loss(model, batch)) == pytest.approx(float(2 * ce_v + 2 * ce_b), rel=1e-4)  # 2 views
+    assert tr.seen.all() and tr.feat_buf.shape == (8, model.feature_dim) and tr.dv_feat.shape == (4, model.feature_dim)

@@ -1,6 +1,7 @@
 """End-to-end PGRL / LCV / WCE cells through the experiment runner."""
 
 import pytest
+import torch
 
 from tests.helpers import assert_oracle_blind, run_cell
 
@@ -30,9 +31,64 @@ def test_ablation_rows_run_and_report(tmp_path, name):
         assert ex["weight_epochs"] == [] and ex["weights"]["n_one"] == m["n_train"]  # no weights without WCE
         assert len(ex["trusted_per_epoch"]) == 3
     else:
-        assert ex["weight_epochs"] == [2, 3]
+        assert ex["weight_epochs"] == [2, 3, 4]  # at the end of epochs 2, 3, 4 (the last gives the final scores)
         assert ex["trusted_per_epoch"] == [m["n_train"]] * 3  # WCE alone trusts the whole batch
         assert ex["weights"]["min"] >= -1.0 and ex["weights"]["max"] <= 1.0
+
+
+def test_recipe_control_and_per_epoch_logs(tmp_path):
+    """pgrl_recipe trusts everything with w = 1 and flags nothing; PGRL logs per epoch the trusted-set size,
+    its clean share (computed by the runner from the oracle), test accuracy and ASR, and draws the plot."""
+    m, _ = run_cell(tmp_path, [*TINY, "defense=pgrl_recipe"], "recipe")
+    ex = m["extras"]
+    assert ex["variant"] == "pgrl_recipe" and "detection" not in m
+    assert ex["trusted_per_epoch"] == [m["n_train"]] * 3 and ex["weight_epochs"] == []
+    m2, _ = run_cell(tmp_path, [*TINY, "defense=pgrl"], "pgrl")
+    rows = m2["extras"]["per_epoch"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert "trusted" not in rows[0] and all(0 <= r["clean_acc"] <= 1 for r in rows)  # epoch 1 = warm-up
+    for r in rows[1:]:
+        assert 0 <= r["trusted"] <= m2["n_train"] and 0.0 <= r["trusted_clean_frac"] <= 1.0
+        assert r["poison_trusted"] <= m2["n_poison"]
+    assert (tmp_path / "pgrl" / "pgrl_per_epoch.png").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_checkpointed_pgrl_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """defense.checkpoint=true: a run stopped at the start of epoch 3 and re-run into the same dir resumes
+    there and ends with exactly the model, weights and logs of an uninterrupted run."""
+    from bdseal.defenses import pgrl
+
+    over = [*TINY, "defense=pgrl", "defense.checkpoint=true", "defense.epoch_eval=false"]
+    m_full, w_full = run_cell(tmp_path, over, "full")
+    assert not list((tmp_path / "full").glob("pgrl_resume_e*.safetensors")) and not (tmp_path / "full" / "pgrl_fit.ckpt").exists()
+    real = pgrl.PGRLTrainer.on_epoch_start
+
+    def stop_at_2(self, state):
+        real(self, state)
+        if state.epoch == 2:
+            raise _Stop
+
+    monkeypatch.setattr(pgrl.PGRLTrainer, "on_epoch_start", stop_at_2)
+    with pytest.raises(_Stop):
+        run_cell(tmp_path, over, "cut")
+    assert (tmp_path / "cut" / "pgrl_fit.ckpt").exists() and (tmp_path / "cut" / "pgrl_resume_e2.safetensors").exists()
+    epochs_run = []
+
+    def count(self, state):
+        epochs_run.append(state.epoch)
+        real(self, state)
+
+    monkeypatch.setattr(pgrl.PGRLTrainer, "on_epoch_start", count)
+    m_res, w_res = run_cell(tmp_path, [*over, "overwrite=true"], "cut")
+    assert epochs_run == [2, 3]  # resumed, not restarted
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+    for key in ("trusted_per_epoch", "weight_epochs", "final_consistent", "weights"):
+        assert m_full["extras"][key] == m_res["extras"][key], key
 
 
 def test_pgrl_cover_and_clean_label_attacks_run(tmp_path):

@@ -184,7 +184,7 @@ def test_labels_pick_config_options_and_per_label_overrides():
     assert bench.available("attack", "pgrl/freq") and not bench.available("attack", "pgrl/nope") and not bench.available("defense", "pgbd/x")
 
 
-@pytest.mark.parametrize("name", ["gssd_cifar", "pgbd_cifar", "pgrl_cifar", "vibe_cifar", "attacks_cifar"])
+@pytest.mark.parametrize("name", ["gssd_cifar", "pgbd_cifar", "pgrl_cifar", "pgrl_gpu", "vibe_cifar", "attacks_cifar"])
 def test_paper_bench_configs_compose(name):
     """Every cell of the per-paper CIFAR-10 matrices composes (Hydra refuses unknown keys), with its variant."""
     spec, _ = parse_args([f"bench={name}"])
@@ -195,13 +195,17 @@ def test_paper_bench_configs_compose(name):
     cfgs = {k: cfg for k, (cfg, _) in composed.items()}
     assert len({h for _, h in composed.values()}) == len(cells)  # no two labels collapse to one cell
     assert all(c.dataset.name == "cifar10" and c.dataset.root == "../shared/data/cifar10.npz" for c in cfgs.values())
+    if name == "pgrl_gpu":
+        c = cfgs[("badnets-0.05", "pgrl")]
+        assert (c.defense.checkpoint, c.defense.input_size, c.defense.feature_grid, c.defense.train.epochs) == (True, 64, 2, 55)
     if name == "pgbd_cifar":
         a2a = cfgs[("badnets_a2a", "nad")]
         assert a2a.attack.preset == "pgbd" and a2a.attack.mode == "all_to_all" and a2a.defense.train.epochs == 5
     if name == "pgrl_cifar":
         c = cfgs[("adap_blend-0.003", "wce")]
-        assert (c.attack.rate, c.attack.cover_rate, c.defense.weight_start, c.defense.n_strong, c.baseline) == (0.003, 0.003, 2, 2, False)
+        assert (c.attack.rate, c.attack.cover_rate, c.defense.weight_start_step, c.defense.n_strong, c.baseline) == (0.003, 0.003, 87, 2, False)
         assert cfgs[("freq-0.05", "none")].attack.preset == "pgrl"
+        assert cfgs[("badnets-0.05", "pgrl_recipe")].defense.train.batch_size == 48  # the control has PGRL's budget
 
 
 def test_variant_labels_reach_the_store_and_report(tmp_path, monkeypatch):
