@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("bdseal: interrupted (Ctrl-C); nothing of the unfinished run was kept", file=sys.stderr)
+        print("bdseal: interrupted (Ctrl-C); the unfinished run wrote no results", file=sys.stderr)
         return 130
     except BdsealError as e:
         if debug:

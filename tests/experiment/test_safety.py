@@ -176,7 +176,7 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(run_mod, "run_experiment", interrupted)
     monkeypatch.delenv("BDSEAL_DEBUG", raising=False)
     assert main(["run", *TINY]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["bdseal: interrupted (Ctrl-C); nothing of the unfinished run was kept"]
+    assert capsys.readouterr().err.strip().splitlines() == ["bdseal: interrupted (Ctrl-C); the unfinished run wrote no results"]
 
 
 # --- benches sharing one store ------------------------------------------------------------------------------
