@@ -137,7 +137,7 @@ def train_model(model: nn.Module, data: PoisonedData | DefenderData | ImageDatas
     ds = _train_split(data)
     net = copy.deepcopy(model)
     dev = resolve_device(device)
-    _check_model(as_classifier(net), ds)
+    _check_model(net, ds)
     fit(net, ds.x, ds.y, default_recipe(progress=progress, **recipe), device=dev, seed=seed, desc="train")
     return net.eval()
 

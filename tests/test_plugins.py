@@ -116,3 +116,16 @@ def test_foundation_backbones_without_transformers_say_install_fm(tmp_path: Path
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'bdseal\[fm\]'"):
         load_foundation(tmp_path, torch.device("cpu"))
+
+
+def test_bench_plans_cells_of_plugin_names(tmp_path: Path) -> None:
+    from bdseal.experiment import bench
+
+    spec, _ = bench.parse_args(["bench=demo", f"plugins=[{EXAMPLE}]", "attacks=[corner]", "defenses=[high_loss]",
+                                "datasets=[stripes]", "seeds=[0]", f"out={tmp_path}"])
+    missing: list[str] = []
+    cells = bench.plan_cells(spec, missing)
+    assert missing == [] and len(cells) == 1
+    cfg, _ = bench.cell_config(cells[0], spec)
+    assert (cfg.attack.name, cfg.defense.name, cfg.dataset.name) == ("corner", "high_loss", "stripes")
+    assert cfg.defense.fraction == 0.1 and cfg.attack.params.size == 2  # the plugin's register_config defaults

@@ -188,7 +188,10 @@ def _conf_file(group: str, option: str) -> Any:
 
 
 def _has_config(group: str, name: str) -> bool:
-    return _conf_file(group, name).is_file()
+    """A YAML in ``bdseal/conf/<group>/`` or a plugin's ``register_config`` entry."""
+    from bdseal.registry import has_config
+
+    return _conf_file(group, name).is_file() or has_config(group, name)
 
 
 def split_choice(group: str, label: str, overrides: list[str]) -> tuple[str, list[str]]:
@@ -207,6 +210,8 @@ def split_choice(group: str, label: str, overrides: list[str]) -> tuple[str, lis
 @functools.lru_cache(maxsize=None)
 def _registered_name(group: str, option: str) -> str:
     """The ``name`` an option's YAML gives its attack/defense (``pgbd/badnets`` -> ``badnets``)."""
+    if not _conf_file(group, option).is_file():  # a plugin's config: registered under its own name
+        return option.split("/")[-1]
     name = OmegaConf.load(str(_conf_file(group, option))).get("name")
     return str(name) if name is not None else option.split("/")[-1]
 
@@ -253,6 +258,9 @@ def label_available(spec: BenchSpec, group: str, label: str) -> bool:
 def plan_cells(spec: BenchSpec, missing: list[str] | None = None) -> list[Cell]:
     """The matrix's cells in run order (dataset, defense, attack, seed). Unavailable names are skipped
     (and appended to ``missing``) when ``spec.skip_missing``, else an error."""
+    from bdseal.registry import preload_plugins
+
+    preload_plugins([*spec.overrides, *spec.late_overrides])  # plugins=[...]: their names become available
     cells = []
     defenses = _expand(spec.defenses, "defense")
     for group, names in (("dataset", spec.datasets), ("defense", defenses),

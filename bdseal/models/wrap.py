@@ -66,17 +66,12 @@ class WrappedClassifier(nn.Module):
             raise ModelInterfaceError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         modules = dict(model.named_modules())
-        if head is None:
-            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ModelInterfaceError(
-                    f"{type(model).__name__} has no nn.Linear classifier head; pass head=<name of the module that "
-                    f"maps features to logits> (modules: {_some(modules)})")
-            head = linears[-1]
-        if head not in modules or head == "":
+        if head is None:  # no Linear: fine for defenses that never ask for the head (ft, nad, pgbd)
+            head = next((n for n, m in reversed(modules.items()) if isinstance(m, nn.Linear)), None)
+        elif head not in modules or head == "":
             raise ModelInterfaceError(f"head={head!r} is not a submodule of {type(model).__name__}; modules: {_some(modules)}")
-        self.head_name = head
-        names = list(layers) if layers is not None else default_layers(model, exclude=head)
+        self._head_name = head
+        names = list(layers) if layers is not None else default_layers(model, exclude=head or "")
         missing = [n for n in names if n not in modules or n == ""]
         if missing:
             raise ModelInterfaceError(f"layers {missing} are not submodules of {type(model).__name__}; modules: {_some(modules)}")
@@ -86,6 +81,15 @@ class WrappedClassifier(nn.Module):
         self.normalize: nn.Module = Normalize(mean, std) if mean is not None and std is not None else nn.Identity()
 
     # -- the interface --------------------------------------------------------------------------
+    @property
+    def head_name(self) -> str:
+        """Dotted name of the classifier head (the last ``nn.Linear`` unless ``head=`` named one)."""
+        if self._head_name is None:
+            raise ModelInterfaceError(
+                f"{type(self.model).__name__} has no nn.Linear classifier head; pass head=<name of the module that "
+                f"maps features to logits> (modules: {_some(dict(self.model.named_modules()))})")
+        return self._head_name
+
     @property
     def head(self) -> nn.Module:
         """The classifier head (the wrapped model's own module, not a copy)."""
@@ -116,7 +120,7 @@ class WrappedClassifier(nn.Module):
     def last_conv_name(self) -> str:
         """Dotted name of the last ``nn.Conv2d`` registered outside the head (PGBD's default layer)."""
         convs = [n for n, m in self.model.named_modules()
-                 if isinstance(m, nn.Conv2d) and not n.startswith(f"{self.head_name}.")]
+                 if isinstance(m, nn.Conv2d) and not (self._head_name and n.startswith(f"{self._head_name}."))]
         if not convs:
             raise ModelInterfaceError(f"{type(self.model).__name__} has no nn.Conv2d; name the activation layer with "
                                       "layer=<dotted name from named_modules()> (defense option)")
@@ -152,7 +156,10 @@ class WrappedClassifier(nn.Module):
 
     def check(self, x: torch.Tensor) -> None:
         """Raise :class:`ModelInterfaceError` unless ``head(features(x))`` reproduces the logits on ``x``
-        (float images in [0, 1]), i.e. the head is the model's last operation."""
+        (float images in [0, 1]), i.e. the head is the model's last operation. A model without an
+        ``nn.Linear`` (and no ``head=``) has nothing to check: defenses that need a head say so when they ask."""
+        if self._head_name is None:
+            return
         was = self.training
         self.eval()
         try:
@@ -214,7 +221,7 @@ def as_classifier(model: nn.Module, *, head: str | None = None, layers: Sequence
     if isinstance(model, WrappedClassifier):
         if head is None and layers is None:
             return model
-        rewrapped = WrappedClassifier(model.model, head=head or model.head_name,
+        rewrapped = WrappedClassifier(model.model, head=head or model._head_name,
                                       layers=layers if layers is not None else model._layers)
         rewrapped.normalize = model.normalize
         return rewrapped

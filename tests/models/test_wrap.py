@@ -57,8 +57,11 @@ def test_descends_into_a_single_feature_container() -> None:
 
 
 def test_errors_name_the_missing_piece() -> None:
+    headless = WrappedClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    headless.check(torch.rand(1, 3, 8, 8))  # nothing to check; ft/nad/pgbd need no head
+    assert headless.last_conv_name() == "0" and headless.forward_with(torch.rand(1, 3, 8, 8), ["0"])[1]["0"].shape == (1, 4, 6, 6)
     with pytest.raises(ModelInterfaceError, match="no nn.Linear classifier head; pass head="):
-        WrappedClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+        headless.features(torch.rand(1, 3, 8, 8))
     with pytest.raises(ModelInterfaceError, match="head='nope' is not a submodule"):
         WrappedClassifier(ResNetLike(), head="nope")
     with pytest.raises(ModelInterfaceError, match=r"layers \['layer9'\]"):
