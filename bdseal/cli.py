@@ -113,6 +113,23 @@ def cmd_bench(argv: list[str]) -> int:
     return 1 if res.failed else 0
 
 
+@subcommand("reproduce", "fill a paper's full-scale table within a time budget, resumable: bdseal reproduce pgbd budget_s=540 [out=DIR] [overrides]")
+def cmd_reproduce(argv: list[str]) -> int:
+    """bdseal reproduce <paper|bench name|YAML> budget_s=SECONDS [out=DIR] [bench keys / cell overrides]:
+    runs the next cells of the table (store bench/gpu/<paper>/ unless out=), checkpoints plain training
+    runs per epoch, stops at the first epoch end past the budget and lists the cells still missing."""
+    from bdseal.experiment import reproduce as rp
+
+    _setup_logging()
+    table, budget, rest = rp.parse_args(argv)
+    res = rp.reproduce(table, budget, rest)
+    print(f"reproduce {table}: finished {len(res.ran)} cells in this window; store {res.store}")
+    if res.interrupted:
+        print(f"  stopped by the budget: {res.interrupted} (checkpointed; run the same command again to resume)")
+    print(f"  left: {len(res.left)} cells" + "".join(f"\n    {label}" for label in res.left))
+    return 0
+
+
 @subcommand("report", "tables (Markdown, CSV), plots and one HTML page from a results store: bdseal report BENCH_DIR [out=DIR]")
 def cmd_report(argv: list[str]) -> int:
     """Options: BENCH_DIR (or a results.sqlite / .jsonl), out=DIR (default BENCH_DIR/report), title=TEXT."""

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -256,8 +256,9 @@ def cell_config(cell: Cell, spec: BenchSpec) -> tuple[DictConfig, str]:
     return cfg, h
 
 
-def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
-    """Run every cell of ``spec`` whose row is not in the store yet."""
+def run_bench(spec: BenchSpec, dry_run: bool = False, stop: Callable[[], bool] | None = None) -> BenchResult:
+    """Run every cell of ``spec`` whose row is not in the store yet (``stop()``, asked before every cell
+    after the first, ends the run early: ``bdseal reproduce``'s time budget)."""
     store = ResultStore(spec.store_path)
     result = BenchResult(store=spec.store_path)
     cells = plan_cells(spec, result.missing)
@@ -277,7 +278,9 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
             print(f"{h}  {cell.label}  {' '.join((*cell.overrides[:3], *cell.overrides[4:]))}")
         return result
     bar = tqdm(todo, desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
-    for cell, cfg, h in bar:
+    for i, (cell, cfg, h) in enumerate(bar):
+        if i > 0 and stop is not None and stop():
+            break
         bar.set_postfix_str(cell.label, refresh=True)
         t0 = time.time()
         try:

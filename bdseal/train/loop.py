@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,41 @@ from tqdm.auto import tqdm
 
 from bdseal.data.augment import build_augment
 from bdseal.train.schedule import lr_multiplier
+
+
+class BudgetExhausted(BaseException):
+    """Raised by :func:`fit` at an epoch end once the time window set by :func:`window` has run out (the
+    epoch's checkpoint is written first). A ``BaseException`` so per-cell ``except Exception`` handlers
+    (``keep_going``) let it through: the cell stays undone and resumes in the next window."""
+
+
+_WINDOW: dict[str, Any] = {"dir": None, "deadline": None}
+
+
+@contextmanager
+def window(checkpoint_dir: str | Path | None, deadline: float | None) -> Iterator[None]:
+    """Inside the block, every plain :func:`fit` (no hooks, no custom loss: nothing outside the model
+    and optimiser to restore) without its own ``checkpoint`` checkpoints each epoch under
+    ``checkpoint_dir`` (keyed by its data, config, seed and initial weights) and resumes from it; every
+    fit raises :class:`BudgetExhausted` at the first epoch end past ``deadline`` (``time.time()``)."""
+    old = dict(_WINDOW)
+    _WINDOW.update(dir=None if checkpoint_dir is None else Path(checkpoint_dir), deadline=deadline)
+    try:
+        yield
+    finally:
+        _WINDOW.update(old)
+
+
+def _auto_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
+                     cfg: "TrainConfig", seed: int, desc: str) -> Path | None:
+    from bdseal.cache import fingerprint
+
+    if _WINDOW["dir"] is None:
+        return None
+    init = {k: v.detach().cpu().reshape(-1) for k, v in model.state_dict().items()}
+    key = fingerprint({"x": x, "y": y, "w": weights if weights is not None else 0, "init": fingerprint(init),
+                       "cfg": {k: v for k, v in asdict(cfg).items() if k != "progress"}, "seed": seed, "desc": desc})
+    return Path(_WINDOW["dir"]) / f"fit-{desc}-{key}.pt"
 
 
 @dataclass
@@ -171,6 +208,9 @@ def fit(
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     if len(x) == 0:
         raise ValueError("fit got an empty training set")
+    if checkpoint is None and hooks is None and loss_fn is None and not extra_params:
+        checkpoint = _auto_checkpoint(model, x, y, weights, cfg, seed, desc)
+        resume = resume or checkpoint is not None
     seed_everything(seed)
     rank, world = _distributed()
     x, y = x.to(device), y.to(device)
@@ -204,7 +244,7 @@ def fit(
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     start_epoch = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        start_epoch = _load_checkpoint(checkpoint, state, gen, lookahead)
+        start_epoch = _load_checkpoint(checkpoint, state, gen, lookahead, aug_gen)
     bar = tqdm(total=total, initial=state.step, desc=desc, disable=not cfg.progress or rank != 0,
                leave=False, dynamic_ncols=True)
     train_model.train(cfg.train_mode)
@@ -247,7 +287,10 @@ def fit(
         state.history.append({"epoch": epoch, "loss": state.last_loss})
         hooks.on_epoch_end(state)
         if checkpoint is not None and rank == 0:
-            _save_checkpoint(checkpoint, state, gen, epoch + 1, lookahead)
+            _save_checkpoint(checkpoint, state, gen, epoch + 1, lookahead, aug_gen)
+        if _WINDOW["deadline"] is not None and time.time() > _WINDOW["deadline"] and state.step < total:
+            bar.close()
+            raise BudgetExhausted(f"{desc}: time window over after epoch {epoch + 1}/{epochs}")
     bar.close()
     if lookahead is not None:
         lookahead.finish()
@@ -306,18 +349,22 @@ def whiten_first_conv(model: nn.Module, x: torch.Tensor, n_images: int = 5000, e
 
 
 def _save_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, next_epoch: int,
-                     lookahead: "Lookahead | None" = None) -> None:
+                     lookahead: "Lookahead | None" = None, aug_gen: torch.Generator | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "epoch": next_epoch, "step": state.step, "history": state.history,
-                "generator": gen.get_state(), "lookahead": None if lookahead is None else lookahead.slow}, tmp)
+                "generator": gen.get_state(), "lookahead": None if lookahead is None else lookahead.slow,
+                "aug_generator": None if aug_gen is None else aug_gen.get_state()}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, lookahead: "Lookahead | None" = None) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, lookahead: "Lookahead | None" = None,
+                     aug_gen: torch.Generator | None = None) -> int:
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, lists, dicts only
+    if aug_gen is not None and ck.get("aug_generator") is not None:
+        aug_gen.set_state(ck["aug_generator"])
     state.model.load_state_dict(ck["model"])
     if lookahead is not None and ck.get("lookahead") is not None:
         torch._foreach_copy_(lookahead.slow, [t.to(lookahead.slow[0].device) for t in ck["lookahead"]])
