@@ -89,12 +89,17 @@ def cmd_probe(argv: list[str]) -> int:
 def cmd_bench(argv: list[str]) -> int:
     """Options: bench=NAME (bdseal/conf/bench/NAME.yaml or a YAML path); matrix lists datasets=/attacks=/
     defenses=/seeds=, out=DIR, keep_going=true, defense_overrides.NAME=[...] (likewise dataset_/attack_);
-    every other key=value is a Hydra override of all cells. Commands: dry_run=true (list the cells),
+    every other key=value is a Hydra override of all cells; jobs=N runs N workers of the command at once
+    (one machine / GPU; cells taken through the store's claims). Commands: dry_run=true (list the cells),
     ingest=DIR (add finished run dirs to the store), prune=true (move rows of outdated configs to
     stale.sqlite). Cells whose results are in the store are skipped."""
     from bdseal.experiment import bench
 
     _setup_logging()
+    jobs = [a for a in argv if a.startswith("jobs=")]
+    if jobs:  # jobs=N: N workers of this same command share the store through its claims
+        argv = [a for a in argv if not a.startswith("jobs=")]
+        return bench.run_jobs(argv, int(jobs[-1].partition("=")[2]))
     spec, options = bench.parse_args(argv)
     if options.get("ingest"):
         roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]

@@ -76,3 +76,21 @@ def test_window_checkpoints_plain_fits_and_resumes_bit_exactly(tmp_path):
         fit(m, x, y, cfg, seed=1)
     for a, b in zip(ref.state_dict().values(), m.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(ResultStore, "claim"), reason="jobs=N runs on the store's cell claims")
+def test_bench_jobs_runs_every_cell_once(tmp_path, monkeypatch):
+    from bdseal.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny_table.yaml").write_text(TABLE)
+    assert main(["bench", f"bench={tmp_path / 'tiny_table.yaml'}", f"out={tmp_path / 'par'}", "jobs=2"]) == 0
+    rows = ResultStore(tmp_path / "par" / "results.sqlite").rows()
+    assert sorted(r.attack for r in rows) == ["badnets", "none"]  # each cell once, by one of the two workers
+
+
+def test_bench_jobs_needs_claims_or_a_positive_count():
+    from bdseal.experiment.bench import run_jobs
+
+    with pytest.raises(ValueError, match="jobs"):
+        run_jobs([], 0)
