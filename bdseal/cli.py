@@ -99,7 +99,9 @@ def cmd_bench(argv: list[str]) -> int:
     jobs = [a for a in argv if a.startswith("jobs=")]
     if jobs:  # jobs=N: N workers of this same command share the store through its claims
         argv = [a for a in argv if not a.startswith("jobs=")]
-        return bench.run_jobs(argv, int(jobs[-1].partition("=")[2]))
+        from bdseal.experiment.parallel import run_jobs
+
+        return run_jobs(argv, int(jobs[-1].partition("=")[2]))
     spec, options = bench.parse_args(argv)
     if options.get("ingest"):
         roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -256,9 +256,8 @@ def cell_config(cell: Cell, spec: BenchSpec) -> tuple[DictConfig, str]:
     return cfg, h
 
 
-def run_bench(spec: BenchSpec, dry_run: bool = False, stop: Callable[[], bool] | None = None) -> BenchResult:
-    """Run every cell of ``spec`` whose row is not in the store yet (``stop()``, asked before every cell
-    after the first, ends the run early: ``bdseal reproduce``'s time budget)."""
+def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
+    """Run every cell of ``spec`` whose row is not in the store yet."""
     store = ResultStore(spec.store_path)
     result = BenchResult(store=spec.store_path)
     cells = plan_cells(spec, result.missing)
@@ -278,9 +277,7 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, stop: Callable[[], bool] |
             print(f"{h}  {cell.label}  {' '.join((*cell.overrides[:3], *cell.overrides[4:]))}")
         return result
     bar = tqdm(todo, desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
-    for i, (cell, cfg, h) in enumerate(bar):
-        if i > 0 and stop is not None and stop():
-            break
+    for cell, cfg, h in bar:
         bar.set_postfix_str(cell.label, refresh=True)
         t0 = time.time()
         try:
@@ -320,23 +317,3 @@ def prune_stale(spec: BenchSpec) -> list[Row]:
 def ingest(spec: BenchSpec, roots: list[str]) -> int:
     """Add finished run dirs (e.g. from ``bdseal run -m hydra/launcher=submitit_slurm ...``) to the store."""
     return ingest_run_dirs(ResultStore(spec.store_path), roots)
-
-
-def run_jobs(argv: list[str], jobs: int) -> int:
-    """``bdseal bench ... jobs=N``: N worker processes of the same ``bdseal bench`` command on one machine
-    (one GPU: batch-16 fine-tuning, Neural Cleanse and E-steps leave it mostly idle, and one worker's CPU
-    stages overlap the others' GPU work). They share the store and the artefact cache and take cells
-    through the store's claims, so every cell runs once. Returns the workers' worst exit code."""
-    import os
-    import subprocess
-    import sys
-
-    if jobs < 1:
-        raise ValueError(f"bench: jobs must be >= 1, got {jobs}")
-    if not hasattr(ResultStore, "claim"):
-        raise ValueError("bench: jobs=N needs a results store with cell claims (ResultStore.claim); run one bench per "
-                         "store instead")
-    cmd = [sys.executable, "-c", "import sys; from bdseal.cli import main; sys.exit(main(sys.argv[1:]))", "bench", *argv]
-    procs = [subprocess.Popen(cmd, env={**os.environ, "BDSEAL_BENCH_WORKER": str(i)}) for i in range(jobs)]
-    return max(p.wait() for p in procs)
-

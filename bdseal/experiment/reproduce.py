@@ -8,7 +8,7 @@ whose cells are listed in priority order. Each call runs the next cells whose ro
 - every plain training run (:func:`bdseal.train.fit` without hooks or a custom loss: backdoored models,
   undefended models, retraining) checkpoints each epoch under ``<out>/checkpoints`` and resumes there;
 - once the budget is over, the running fit stops at its next epoch end (checkpoint written) and no new cell
-  starts, so a cell cut by the budget continues in the next window. Stages with their own state (a
+  starts (each window starts at least one), so a cell cut by the budget continues in the next window. Stages with their own state (a
   defense's hooks) restart from their beginning.
 
 It then prints the rows it stored and the cells still missing. The same numbers come out whether a cell
@@ -17,6 +17,7 @@ ran in one window or several (same data order, augmentation stream and optimiser
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ def reproduce(table: str, budget_s: float, argv: list[str] = (), *, out: str | N
     """Run the next missing cells of bench matrix ``table`` for at most about ``budget_s`` seconds (plus
     the epoch in flight when it runs out)."""
     t0 = time.time()
-    deadline = t0 + budget_s
+    deadline, started = t0 + budget_s, False
     name = Path(table).stem if table.endswith((".yaml", ".yml")) else table
     given_out = any(a.startswith("out=") for a in argv)
     spec, _ = bench.parse_args([f"bench={table}", *argv])
@@ -75,13 +76,22 @@ def reproduce(table: str, budget_s: float, argv: list[str] = (), *, out: str | N
     elif not given_out:
         spec.out = str(Path("bench") / "gpu" / name.removesuffix("_gpu"))
     result = ReproduceResult(store=spec.store_path)
+    store = ResultStore(spec.store_path)
     with window(Path(spec.out) / "checkpoints", deadline):
-        try:
-            res = bench.run_bench(spec, stop=lambda: time.time() > deadline)
-            result.ran = list(res.ran)
-        except BudgetExhausted as e:
-            result.interrupted = str(e)
-            log.info("reproduce %s: budget of %.0fs over (%s); the cell resumes in the next window", name, budget_s, e)
+        for cell in bench.plan_cells(spec):  # priority order = the table's order
+            if bench.cell_config(cell, spec)[1] in store.hashes():
+                continue
+            if started and time.time() > deadline:
+                break
+            started = True
+            one = dataclasses.replace(spec, datasets=[cell.dataset], defenses=[cell.defense], attacks=[cell.attack],
+                                      attacks_by_defense={}, seeds=[cell.seed])
+            try:
+                result.ran += bench.run_bench(one).ran
+            except BudgetExhausted as e:
+                result.interrupted = str(e)
+                log.info("reproduce %s: budget of %.0fs over (%s); the cell resumes in the next window", name, budget_s, e)
+                break
     done = ResultStore(spec.store_path).hashes()
     result.left = [c.label for c in bench.plan_cells(spec) if bench.cell_config(c, spec)[1] not in done]
     return result

@@ -90,7 +90,7 @@ def test_bench_jobs_runs_every_cell_once(tmp_path, monkeypatch):
 
 
 def test_bench_jobs_needs_claims_or_a_positive_count():
-    from bdseal.experiment.bench import run_jobs
+    from bdseal.experiment.parallel import run_jobs
 
     with pytest.raises(ValueError, match="jobs"):
         run_jobs([], 0)
