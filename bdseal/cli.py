@@ -142,12 +142,19 @@ def cmd_probe(argv: list[str]) -> int:
 def cmd_bench(argv: list[str]) -> int:
     """Options: bench=NAME (bdseal/conf/bench/NAME.yaml or a YAML path); matrix lists datasets=/attacks=/
     defenses=/seeds=, out=DIR, keep_going=true, defense_overrides.NAME=[...] (likewise dataset_/attack_);
-    every other key=value is a Hydra override of all cells. Commands: dry_run=true (list the cells),
+    every other key=value is a Hydra override of all cells; jobs=N runs N workers of the command at once
+    (one machine / GPU; cells taken through the store's claims). Commands: dry_run=true (list the cells),
     ingest=DIR (add finished run dirs to the store), prune=true (move rows of outdated configs to
     stale.sqlite). Cells whose results are in the store are skipped."""
     from bdseal.experiment import bench
 
     _setup_logging()
+    jobs = [a for a in argv if a.startswith("jobs=")]
+    if jobs:  # jobs=N: N workers of this same command share the store through its claims
+        argv = [a for a in argv if not a.startswith("jobs=")]
+        from bdseal.experiment.parallel import run_jobs
+
+        return run_jobs(argv, int(jobs[-1].partition("=")[2]))
     spec, options = bench.parse_args(argv)
     if options.get("ingest"):
         roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]
@@ -169,6 +176,23 @@ def cmd_bench(argv: list[str]) -> int:
     for label, err in res.failed:
         print(f"  FAILED {label}: {err}")
     return 1 if res.failed else 0
+
+
+@subcommand("reproduce", "fill a paper's full-scale table within a time budget, resumable: bdseal reproduce pgbd budget_s=540 [out=DIR] [overrides]")
+def cmd_reproduce(argv: list[str]) -> int:
+    """bdseal reproduce <paper|bench name|YAML> budget_s=SECONDS [out=DIR] [bench keys / cell overrides]:
+    runs the next cells of the table (store bench/gpu/<paper>/ unless out=), checkpoints plain training
+    runs per epoch, stops at the first epoch end past the budget and lists the cells still missing."""
+    from bdseal.experiment import reproduce as rp
+
+    _setup_logging()
+    table, budget, rest = rp.parse_args(argv)
+    res = rp.reproduce(table, budget, rest)
+    print(f"reproduce {table}: finished {len(res.ran)} cells in this window; store {res.store}")
+    if res.interrupted:
+        print(f"  stopped by the budget: {res.interrupted} (checkpointed; run the same command again to resume)")
+    print(f"  left: {len(res.left)} cells" + "".join(f"\n    {label}" for label in res.left))
+    return 0
 
 
 @subcommand("report", "tables (Markdown, CSV), plots and one HTML page from a results store: bdseal report BENCH_DIR [out=DIR]")

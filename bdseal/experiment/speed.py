@@ -61,35 +61,64 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+class _Timer:
+    """Seconds between ``start()`` and ``stop()``: CUDA events on a GPU (device time of the queued work,
+    one synchronisation at the end), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.t0 = torch.cuda.Event(enable_timing=True)
+            self.t0.record()
+        else:
+            self.t0 = time.perf_counter()  # type: ignore[assignment]
+
+    def stop(self) -> float:
+        if self.cuda:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            t1.synchronize()
+            return self.t0.elapsed_time(t1) / 1e3  # type: ignore[union-attr]
+        return time.perf_counter() - self.t0  # type: ignore[operator]
+
+
 def _bare_loop(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, cfg: TrainConfig, steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` plain optimisation steps on one fixed batch."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     model.train()
-    _sync(device)
-    t0 = time.perf_counter()
+    timer = _Timer(device)
+    timer.start()
     for _ in range(steps):
         with _autocast(device, cfg.amp):
             loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    _sync(device)
-    return time.perf_counter() - t0
+    return timer.stop()
 
 
 def _fit_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
+    timer = _Timer(device)
+    timer.start()
     fit(model, x, y, cfg, device=device, seed=0)
-    _sync(device)
-    return time.perf_counter() - t0
+    return timer.stop()
 
 
 def loop_overhead(model: str = "small_half", batch_size: int = 128, n: int = 1024, image_size: int = 32, epochs: int = 2,
                   repeats: int = 3, device: str | torch.device = "cpu", num_classes: int = 10,
-                  params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """(a): images/s of ``fit`` (augment none and crop_flip) and of the bare loop, and their ratio."""
+                  params: dict[str, Any] | None = None, min_steps: int | None = None) -> dict[str, Any]:
+    """(a): images/s of ``fit`` (augment none and crop_flip) and of the bare loop, and their ratio.
+    ``min_steps`` (default 500 on CUDA, 0 on the CPU) raises ``epochs`` until each timed run has at least
+    that many steps, so launch jitter and clock ramp-up average out. ``overhead_paired`` is the median of
+    the per-repeat ratios fit ÷ bare (the two run back to back in each repeat, so slow phases of the
+    machine hit both); ``bare_spread`` is the bare loop's own (max − min) ÷ median over the repeats — an
+    overhead inside that spread is not resolved."""
     dev = torch.device(device)
+    if min_steps is None:
+        min_steps = 500 if dev.type == "cuda" else 0
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, image_size, image_size), generator=g, dtype=torch.uint8).to(dev)
     y = torch.randint(0, num_classes, (n,), generator=g).to(dev)
@@ -97,9 +126,11 @@ def loop_overhead(model: str = "small_half", batch_size: int = 128, n: int = 102
     net = build_model(model, num_classes, in_channels=3, image_size=image_size, **(params or {}))
     base = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                        schedule="cosine", augment="none", progress=False, drop_last=True)
-    steps = epochs * (n // batch_size)
-    if steps < 1:
+    if n // batch_size < 1:
         raise ValueError(f"loop_overhead: n={n} gives no full batch of {batch_size}")
+    epochs = max(epochs, -(-min_steps // (n // batch_size)))
+    base = base.replace(epochs=epochs)
+    steps = epochs * (n // batch_size)
     images = steps * batch_size
     fmt = torch.channels_last if base.channels_last else torch.contiguous_format  # as fit does
     xb = (x[:batch_size].float() / 255).contiguous(memory_format=fmt)
@@ -117,6 +148,9 @@ def loop_overhead(model: str = "small_half", batch_size: int = 128, n: int = 102
             "fit_images_per_s": fit_ips, "bare_images_per_s": bare_ips, "fit_crop_flip_images_per_s": aug_ips,
             "overhead": bare_ips / fit_ips, "overhead_with_crop_flip": bare_ips / aug_ips, "goal": 1.1,
             "overhead_median": statistics.median(t_fit) / statistics.median(t_bare),
+            "overhead_paired": statistics.median(f / b for f, b in zip(t_fit, t_bare)),
+            "bare_spread": (max(t_bare) - min(t_bare)) / statistics.median(t_bare),
+            "timer": "cuda events" if dev.type == "cuda" else "perf_counter",
             "fit_s": t_fit, "bare_s": t_bare, "fit_crop_flip_s": t_aug}
 
 
@@ -173,7 +207,7 @@ def run_speed(part: str = "all", device: str = "auto", loop: dict[str, Any] | No
     return res
 
 
-_LOOP_KEYS = ("model", "batch_size", "n", "image_size", "epochs", "repeats", "params")
+_LOOP_KEYS = ("model", "batch_size", "n", "image_size", "epochs", "repeats", "params", "min_steps")
 
 
 def run_from_args(argv: Sequence[str]) -> dict[str, Any]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,41 @@ from bdseal.data.augment import build_augment
 from bdseal.errors import ConfigError, TrainingDivergedError
 from bdseal.io import CorruptFileError, load_tree, save_tree
 from bdseal.train.schedule import lr_multiplier
+
+
+class BudgetExhausted(BaseException):
+    """Raised by :func:`fit` at an epoch end once the time window set by :func:`window` has run out (the
+    epoch's checkpoint is written first). A ``BaseException`` so per-cell ``except Exception`` handlers
+    (``keep_going``) let it through: the cell stays undone and resumes in the next window."""
+
+
+_WINDOW: dict[str, Any] = {"dir": None, "deadline": None}
+
+
+@contextmanager
+def window(checkpoint_dir: str | Path | None, deadline: float | None) -> Iterator[None]:
+    """Inside the block, every plain :func:`fit` (no hooks, no custom loss: nothing outside the model
+    and optimiser to restore) without its own ``checkpoint`` checkpoints each epoch under
+    ``checkpoint_dir`` (keyed by its data, config, seed and initial weights) and resumes from it; every
+    fit raises :class:`BudgetExhausted` at the first epoch end past ``deadline`` (``time.time()``)."""
+    old = dict(_WINDOW)
+    _WINDOW.update(dir=None if checkpoint_dir is None else Path(checkpoint_dir), deadline=deadline)
+    try:
+        yield
+    finally:
+        _WINDOW.update(old)
+
+
+def _auto_checkpoint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
+                     cfg: "TrainConfig", seed: int, desc: str) -> Path | None:
+    from bdseal.cache import fingerprint
+
+    if _WINDOW["dir"] is None:
+        return None
+    init = {k: v.detach().cpu().reshape(-1) for k, v in model.state_dict().items()}
+    key = fingerprint({"x": x, "y": y, "w": weights if weights is not None else 0, "init": fingerprint(init),
+                       "cfg": {k: v for k, v in asdict(cfg).items() if k != "progress"}, "seed": seed, "desc": desc})
+    return Path(_WINDOW["dir"]) / f"fit-{desc}-{key}.safetensors"
 
 
 @dataclass
@@ -196,6 +233,9 @@ def fit(
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     if len(x) == 0:
         raise ValueError("fit got an empty training set")
+    if checkpoint is None and hooks is None and loss_fn is None and not extra_params:
+        checkpoint = _auto_checkpoint(model, x, y, weights, cfg, seed, desc)
+        resume = resume or checkpoint is not None
     seed_everything(seed)
     rank, world = _distributed()
     x, y = x.to(device), y.to(device)
@@ -278,6 +318,9 @@ def fit(
         hooks.on_epoch_end(state)
         if checkpoint is not None and rank == 0:
             _save_checkpoint(checkpoint, state, gen, aug_gen, extra, epoch + 1, lookahead)
+        if _WINDOW["deadline"] is not None and time.time() > _WINDOW["deadline"] and state.step < total:
+            bar.close()
+            raise BudgetExhausted(f"{desc}: time window over after epoch {epoch + 1}/{epochs}")
     bar.close()
     if lookahead is not None:
         lookahead.finish()

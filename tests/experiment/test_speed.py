@@ -26,6 +26,15 @@ def test_loop_overhead_tiny():
         speed.loop_overhead(batch_size=64, n=32, epochs=1)
 
 
+def test_loop_overhead_min_steps_and_paired_ratio():
+    r = speed.loop_overhead(batch_size=8, n=16, image_size=16, epochs=1, repeats=2, params={"widths": [8, 16, 16]},
+                            min_steps=5)
+    assert r["steps"] == 6 and r["timer"] == "perf_counter"  # epochs raised to 3 (2 steps each) for >= 5 steps
+    ratios = sorted(f / b for f, b in zip(r["fit_s"], r["bare_s"]))
+    assert r["overhead_paired"] == pytest.approx(sum(ratios) / 2)  # median of two paired ratios
+    assert r["bare_spread"] == pytest.approx((max(r["bare_s"]) - min(r["bare_s"])) / (sum(r["bare_s"]) / 2))
+
+
 def test_bench_speed_cli_defense_times(tmp_path, capsys):
     out = tmp_path / "speed.json"
     assert main(["bench-speed", "part=defenses", "device=cpu", f"out={out}", "defenses=[none,no_such_defense]", *TINY_CELL]) == 0

@@ -172,7 +172,9 @@ def train_flows(flow: BatchedCouplingFlow, groups: Sequence[torch.Tensor], seeds
     for j, g in enumerate(groups):
         data[j, : len(g)] = g.to(device=device, dtype=torch.float32)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
-    frozen: dict[int, list[torch.Tensor]] = {}
+    params = list(flow.named_parameters())
+    snap: list[torch.Tensor] | None = None  # each flow's latest weights; a finished flow's stay its final ones
+    n_min = int(n_steps.min())
     steps_dev = n_steps.to(device)
     last_epoch_nll = torch.zeros(k, device=device)
     per_epoch = torch.tensor([-(-len(g) // cfg.batch_size) for g in groups], device=device)
@@ -193,27 +195,20 @@ def train_flows(flow: BatchedCouplingFlow, groups: Sequence[torch.Tensor], seeds
         active = t < steps_dev
         diverged |= active & ~torch.isfinite(per_flow.detach())
         last_epoch_nll += torch.where(active & (t >= steps_dev - per_epoch), per_flow.detach() / per_epoch, 0.0)
-        done_now = [j for j in range(k) if int(n_steps[j]) == t + 1]
-        for j in done_now:  # flow j has finished its own budget: keep these weights from now on
-            frozen[j] = [p.detach()[_axis(name)(j)].clone() for name, p in flow.named_parameters()]
-        if frozen:
+        if t + 1 >= n_min:  # some flow has finished its own budget: it keeps its final weights from now on
             with torch.no_grad():
-                for j, saved in frozen.items():
-                    for (name, p), v in zip(flow.named_parameters(), saved):
-                        p[_axis(name)(j)] = v
+                if snap is None:
+                    snap = [p.detach().clone() for _, p in params]
+                for (name, p), v in zip(params, snap):  # one where per tensor, whatever the number of frozen flows
+                    keep = active.view(1, -1, 1) if name.startswith("an_") else active.view(-1, *([1] * (p.dim() - 1)))
+                    p.copy_(torch.where(keep, p, v))
+                    v.copy_(p)
     flow.eval()
     if bool(diverged.any()):
         bad = diverged.nonzero().flatten().tolist()
         raise TrainingDivergedError(f"GSSD flow(s) {bad} (positions in the class list) produced a non-finite likelihood "
                                     f"(flow lr={cfg.lr:g}); lower defense.flow.lr or check the backbone features for NaN")
     return last_epoch_nll.tolist()
-
-
-def _axis(name: str):
-    """Index selecting flow j of parameter ``name`` (ActNorm tensors carry the step axis first)."""
-    if name.startswith("an_"):
-        return lambda j: (slice(None), j)
-    return lambda j: j
 
 
 def fit_class_flows(features: torch.Tensor, labels: torch.Tensor, classes: Sequence[int], cfg: FlowConfig, *,
