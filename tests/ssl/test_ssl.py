@@ -149,3 +149,16 @@ def test_linear_probe_and_argv() -> None:
     assert linear_probe(f[:40], y[:40], f[40:], y[40:]) > 0.9
     ssl, rest = split_argv(["dataset=digits", "ssl.kind=byol", "ssl.epochs=3", "ssl.jitter=[0.1,0.1,0.1,0.0]"])
     assert ssl == {"kind": "byol", "epochs": 3, "jitter": [0.1, 0.1, 0.1, 0.0]} and rest == ["dataset=digits"]
+
+
+def test_probe_defaults_to_the_small_backbone_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bdseal probe`` without ssl.arch trains small_half on a CPU (resnet18 would take hours there)."""
+    import json
+
+    from bdseal.ssl.probe import default_arch, probe_main
+
+    assert default_arch(torch.device("cpu")) == "small_half" and default_arch(torch.device("cuda")) == "resnet18"
+    assert probe_main(["dataset.train_per_class=12", "dataset.test_per_class=5", "ssl.epochs=1", "device=cpu",
+                       "cache=false", "progress=false"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["backbone"]["arch"] == "small_half" and 0.0 <= out["probe_acc"] <= 1.0
