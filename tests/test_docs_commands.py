@@ -175,7 +175,7 @@ def test_doc_command_parses_and_composes(cmd: DocCommand, tmp_path: Path, monkey
 
 # --------------------------------------------------------------------------------------- end to end (slow)
 
-TINY = ["train.epochs=1", "dataset.train_per_class=15", "dataset.test_per_class=5", "progress=false", "figures.enabled=false"]
+TINY = ["train.epochs=1", "dataset.train_per_class=30", "dataset.test_per_class=5", "progress=false", "figures.enabled=false"]
 # defense -> overrides that make its default run take seconds (keys of its own config)
 DEFENSE_TINY = {
     "gssd": ["defense.backbone.epochs=1", "defense.flow.epochs=1"],
@@ -200,7 +200,11 @@ def tiny(cmd: DocCommand) -> list[str] | None:
             extra = [e for e in extra if not e.startswith(("train.", "figures."))] + ["ssl.epochs=1"]
         return [sub, *args, *extra]
     if sub in ("bench", "demo"):
-        per_defense = [f"defense_overrides.{d}=[{','.join(o)}]" for d, o in DEFENSE_TINY.items()]
+        from bdseal.experiment import bench, demo
+
+        spec = demo.demo_spec(args) if sub == "demo" else bench.parse_args(args)[0]
+        per_defense = [f"defense_overrides.{d}=[{','.join([*spec.defense_overrides.get(d, []), *o])}]"
+                       for d, o in DEFENSE_TINY.items() if d in spec.defenses]
         return [sub, *args, *TINY, *per_defense]
     return list(cmd.args)
 
