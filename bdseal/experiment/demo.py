@@ -99,7 +99,7 @@ def summary(res: DemoResult) -> str:
              res.table, "",
              f"ACC = accuracy on the clean test images; ASR = share of triggered test images (true class != target) "
              f"classified as the target; TPR / FPR = share of poisoned / clean training images the defense flagged "
-             f"(– = the defense flags none); removed = ASR < {REMOVED_ASR:.0%} at < {MAX_ACC_DROP:.0%} points of accuracy "
+             f"(– = the defense flags none); removed = ASR < {REMOVED_ASR:.0%} at < {100 * MAX_ACC_DROP:.0f} points of accuracy "
              f"lost; time = wall time of the run (the none row trains the backdoored model that post-hoc defenses reuse).",
              "", "run folders (config.yaml, metrics.json, model):"]
     lines += [f"  {r.defense:10s} {r.run_dir}" for r in sorted(res.rows, key=lambda r: (r.defense != "none", r.defense))]

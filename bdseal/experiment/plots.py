@@ -36,7 +36,7 @@ def scatter_acc_asr(agg: Agg, dataset: str, path: Path) -> Path | None:
                    marker=MARKERS[i % len(MARKERS)], s=50, label=d)
         for a, m in pts:
             ax.annotate(a, (m["asr"].mean * 100, m["acc"].mean * 100), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="ASR (%)", ylabel="clean ACC (%)", title=f"{dataset}: ACC vs ASR per defense", xlim=(-3, 103))
+    ax.set(xlabel="ASR (%)", ylabel="clean ACC (%)", title=f"{dataset}: ACC vs ASR per defense", xlim=(-3, 103), ylim=(-3, 103))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -57,6 +57,8 @@ def bars(agg: Agg, dataset: str, metric: str, label: str, path: Path, scale: flo
         ax.bar(xs, [s.mean * scale for s in st], width, yerr=[s.std * scale for s in st], label=d, capsize=2)
     ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set(ylabel=label, title=f"{dataset}: {label}")
+    if scale == 100.0:  # percentages: the full 0-100 axis, so a drop from 98 to 90 is not drawn as a collapse
+        ax.set_ylim(0, 103)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

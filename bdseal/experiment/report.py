@@ -417,7 +417,7 @@ def write_summary_csv(agg: dict[tuple[str, str, str], dict[str, Stat]], path: Pa
                 w.writerow([ds, a, d, m, f"{s.mean:.6g}", f"{s.std:.6g}", s.n])
 
 
-def _html_page(title: str, intro: str, tables: Sequence[Table], images: Sequence[Path]) -> str:
+def _html_page(title: str, intro: str, tables: Sequence[Table], images: Sequence[Path], notes: str = "") -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
              "img{max-width:100%;margin:1em 0}")
@@ -425,7 +425,7 @@ def _html_page(title: str, intro: str, tables: Sequence[Table], images: Sequence
                    f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in images)
     body = "".join(t.html() for t in tables)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{body}<h2>Plots</h2>{imgs}</body></html>")
+            f"<body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{notes}{body}<h2>Plots</h2>{imgs}</body></html>")
 
 
 def resolve_store(path: str | Path) -> Path:
@@ -439,6 +439,77 @@ def resolve_store(path: str | Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"results store {p} does not exist")
     return p
+
+
+# one line per metric, at the top of every report
+METRIC_NOTES = (
+    ("ACC", "accuracy on the clean test set (%)."),
+    ("ASR", "attack success rate: share of triggered test images (true class ≠ target) classified as the attacker wants (%)."),
+    ("M_B / M_C", "the undefended (backdoored) model trained in the same run / the defended model."),
+    ("Γ (DEM)", "PGBD Eq. 5-6: ½·min(1, ACC_C/ACC_B) + ½·max(0, (ASR_B − ASR_C)/ASR_B); 1 = backdoor gone at no cost, "
+                "0.5 = no change."),
+    ("TPR / FPR", "share of poisoned / clean training images the defense flagged as poisoned (%)."),
+    ("AUROC", "how well the defense's per-sample suspicion score ranks poisoned above clean images (%; 50 = chance)."),
+    ("relabel ACC", "share of the relabelled poisoned images whose new label is their true class (%)."),
+    ("target found", "whether the defense named the attack's target class (k/n over seeds)."),
+    ("time", "wall time of the whole run (s); ×none = the same divided by the undefended run's time."),
+)
+NOT_LEARNED_ASR = 0.5  # an attack whose undefended ASR is below this was not learned: its rows prove nothing
+CHANCE_FACTOR = 2.0  # clean ACC below CHANCE_FACTOR / #classes counts as (near) chance
+
+
+def _num_classes(rows: Sequence[Row], dataset: str) -> int | None:
+    """Classes of ``dataset`` as recorded by its runs (``metrics['num_classes']``)."""
+    ks = {r.metrics.get("num_classes") for r in rows if r.dataset == dataset}
+    ks.discard(None)
+    return int(next(iter(ks))) if len(ks) == 1 else None
+
+
+def quality_flags(agg: dict[tuple[str, str, str], dict[str, Stat]], rows: Sequence[Row]) -> list[str]:
+    """Cells that must not be read as results: an attack the undefended model did not learn (its mean ASR
+    below :data:`NOT_LEARNED_ASR`), and cells whose clean accuracy is near chance (below
+    :data:`CHANCE_FACTOR` / #classes: the model learned nothing, so a low ASR means nothing)."""
+    out = []
+    for (ds, a, d), m in sorted(agg.items()):
+        if d == "none" and a != "none" and "asr" in m and m["asr"].mean < NOT_LEARNED_ASR:
+            out.append(f"{ds} / {a}: the attack was not learned (ASR of the undefended model {100 * m['asr'].mean:.1f}% "
+                       f"< {100 * NOT_LEARNED_ASR:.0f}%); no defense result on this attack is evidence")
+        k = _num_classes(rows, ds)
+        if k and "acc" in m and m["acc"].mean < CHANCE_FACTOR / k:
+            out.append(f"{ds} / {a} / {d}: clean ACC {100 * m['acc'].mean:.1f}% is near chance ({100 / k:.0f}% for {k} "
+                       f"classes); its ASR is not evidence of a defense")
+    return out
+
+
+def scale_lines(rows: Sequence[Row]) -> list[str]:
+    """Per dataset: training-set size, image size, model and epochs of its runs (each distinct setting once)."""
+    seen: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        c = r.config
+        opts = (c.get("dataset") or {}).get("options") or {}
+        size = opts.get("image_size")
+        text = (f"{r.metrics.get('n_train', '?')} training images" + (f" at {size}x{size}" if size else "") +
+                f", model {r.model}, {(c.get('train') or {}).get('epochs', '?')} epochs")
+        if text not in seen[r.dataset]:
+            seen[r.dataset].append(text)
+    return [f"{ds}: " + "; ".join(texts) for ds, texts in sorted(seen.items())]
+
+
+def _notes_markdown(scale: list[str], flags: list[str]) -> str:
+    md = "**Scale.** " + " | ".join(scale) + "\n\n"
+    if flags:
+        md += "**Not results (check before reading the tables):**\n\n" + "\n".join(f"- ⚠ {f}" for f in flags) + "\n\n"
+    md += "**Metrics.**\n\n" + "\n".join(f"- {name}: {text}" for name, text in METRIC_NOTES) + "\n\n"
+    return md
+
+
+def _notes_html(scale: list[str], flags: list[str]) -> str:
+    h = f"<p><b>Scale.</b> {html.escape(' | '.join(scale))}</p>"
+    if flags:
+        h += ("<p><b>Not results (check before reading the tables):</b></p><ul>" +
+              "".join(f"<li>⚠ {html.escape(f)}</li>" for f in flags) + "</ul>")
+    h += "<p><b>Metrics.</b></p><ul>" + "".join(f"<li>{html.escape(n)}: {html.escape(t)}</li>" for n, t in METRIC_NOTES) + "</ul>"
+    return h
 
 
 def make_report(store_path: str | Path, out: str | Path | None = None, title: str | None = None) -> dict[str, Any]:
@@ -461,9 +532,10 @@ def make_report(store_path: str | Path, out: str | Path | None = None, title: st
     title = title or f"bdseal report: {store_file}"
     intro = (f"{len(rows)} runs; datasets {sorted({r.dataset for r in rows})}; attacks {sorted({r.attack for r in rows})}; "
              f"defenses {sorted({r.defense for r in rows})}; seeds {sorted({r.seed for r in rows})}.")
-    md = f"# {title}\n\n{intro}\n\n" + "\n".join(t.markdown() for t in tables)
+    scale, flags = scale_lines(rows), quality_flags(agg, rows)
+    md = f"# {title}\n\n{intro}\n\n" + _notes_markdown(scale, flags) + "\n".join(t.markdown() for t in tables)
     md += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in images) + "\n"
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html_page(title, intro, tables, images))
+    (out / "report.html").write_text(_html_page(title, intro, tables, images, notes=_notes_html(scale, flags)))
     return {"out": out, "markdown": out / "report.md", "html": out / "report.html", "summary_csv": out / "summary.csv",
-            "tables": tables, "plots": images, "n_runs": len(rows)}
+            "tables": tables, "plots": images, "n_runs": len(rows), "flags": flags}

@@ -355,7 +355,8 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
         "seed": seed, "poison_rate": ps.poison_rate, "target": int(cfg.attack.target) if cfg.attack.name != "none" else None,
-        "n_train": len(ps.train), "n_poison": int(ps.oracle.is_poison.sum()), "n_cover": int(ps.oracle.is_cover.sum()),
+        "n_train": len(ps.train), "num_classes": ps.train.num_classes,
+        "n_poison": int(ps.oracle.is_poison.sum()), "n_cover": int(ps.oracle.is_cover.sum()),
         **evaluate(result.model, ps, device, ctx.train_cfg.tta_flip),
     }
     if (pattern := pattern_label(cfg.attack)) is not None:

@@ -1,6 +1,7 @@
 """Linear-probe evaluation of a backbone (an evaluation tool, not a defense).
 
-``bdseal probe dataset=digits attack=badnets ssl.kind=simclr ssl.epochs=5`` builds the run's poisoned
+``bdseal probe dataset=digits attack=badnets ssl.kind=simclr ssl.epochs=5`` (backbone ``ssl.arch``: default
+``small_half`` on a CPU, ``resnet18`` on a GPU) builds the run's poisoned
 training set exactly as ``bdseal run`` does, pre-trains (or loads from cache) the backbone on the
 poisoned images as a defense would, then fits a logistic regression (scikit-learn, on standardised
 features) on the features of the *clean* training pool with its labels and reports its accuracy on the
@@ -46,6 +47,11 @@ def split_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return ssl, rest
 
 
+def default_arch(device: torch.device) -> str:
+    """The backbone when ``ssl.arch`` is not given: ``small_half`` on a CPU (minutes), ``resnet18`` on a GPU."""
+    return "resnet18" if device.type == "cuda" else "small_half"
+
+
 def probe_main(argv: list[str]) -> int:
     """CLI entry: print and return 0 with a JSON line {"probe_acc": ..., ...}; 2 on a usage error."""
     from bdseal.cache import ArtifactCache
@@ -59,13 +65,14 @@ def probe_main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     ssl_cfg, overrides = split_argv(argv)
+    cfg = compose_config(overrides)
+    device, seed = resolve_device(cfg.device), int(cfg.seed)
+    ssl_cfg.setdefault("arch", default_arch(device))
     try:
         ssl_cfg = resolve_cfg(ssl_cfg)
     except ValueError as e:
         print(f"bdseal probe: {e}", file=sys.stderr)
         return 2
-    cfg = compose_config(overrides)
-    device, seed = resolve_device(cfg.device), int(cfg.seed)
     cache = ArtifactCache(cfg.cache_dir, enabled=bool(cfg.cache))
     splits = load_data(cfg)
     pool, _ = defender_split(cfg, splits.train, seed)

@@ -31,7 +31,8 @@ def fake_row(attack: str, defense: str, seed: int, acc: float, asr: float | None
            "defense": {"name": defense_name or defense}, "seed": seed, "model": {"name": "small_half"}, "defender": {"holdout": 0.05},
            "train": {"epochs": 8, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "augment": "crop_flip"},
            "device": "cpu"}
-    metrics = {"clean_acc": acc, "asr": asr, "time_s": 10.0 + seed, "n_train": 1900, **extra}
+    metrics = {"dataset": "cifar10", "model": "small_half", "attack": attack, "defense": defense_name or defense,
+               "seed": seed, "clean_acc": acc, "asr": asr, "time_s": 10.0 + seed, "n_train": 1900, **extra}
     return Row(cell_hash(cfg), "cifar10", "small_half", attack, defense, seed, cfg, metrics)
 
 
@@ -237,3 +238,48 @@ def test_report_vibe_e_step_table(tmp_path):
     s.add(fake_row("badnets", "none", 0, 0.9, 1.0))
     tables = {t.name: t for t in build_tables(aggregate(s.rows()), post_hoc_labels(s.rows()))}
     assert tables["cifar10_e_step"].rows == [["badnets", "vibe_ss_a", "85.0 ± 7.1", "0.60 ± 0.00", "90.0 ± 0.0"]]
+
+
+def test_report_flags_unlearned_attacks_and_chance_accuracy_and_states_scale(tmp_path):
+    """A blend the undefended model did not learn (ASR 30%) and a defense at chance accuracy (12% of 10 classes)
+    are listed as not results; the page states the scale and explains every metric in one line."""
+    s = ResultStore(tmp_path / "results.sqlite")
+    for seed in (0, 1):
+        s.add(fake_row("badnets", "none", seed, 0.90, 1.0, num_classes=10))
+        s.add(fake_row("blend", "none", seed, 0.90, 0.30, num_classes=10))
+        s.add(fake_row("badnets", "pgrl", seed, 0.12, 0.0, num_classes=10))
+        s.add(fake_row("badnets", "gssd", seed, 0.88, 0.01, num_classes=10))
+    rep = make_report(tmp_path, out=tmp_path / "rep")
+    assert len(rep["flags"]) == 2
+    assert rep["flags"][0].startswith("cifar10 / badnets / pgrl: clean ACC 12.0% is near chance (10% for 10 classes)")
+    assert rep["flags"][1].startswith("cifar10 / blend (cartoon): the attack was not learned (ASR of the undefended model 30.0% < 50%)")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Scale.** cifar10: 1900 training images, model small_half, 8 epochs" in md
+    assert "- ⚠ cifar10 / blend (cartoon): the attack was not learned" in md
+    from bdseal.experiment.report import METRIC_NOTES
+
+    for name, text in METRIC_NOTES:
+        assert f"- {name}: {text}" in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "near chance" in page and "<b>Scale.</b>" in page
+
+
+def test_acc_and_asr_plots_use_the_full_percent_axis(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bdseal.experiment import plots
+
+    captured = []
+    real = plots._save
+    plots_save = lambda fig, path: captured.append(fig.axes[0].get_ylim()) or real(fig, path)  # noqa: E731
+    agg = {("d", "badnets", "none"): {"acc": Stat(0.95, 0.0, 1), "asr": Stat(0.99, 0.0, 1), "dem": Stat(0.5, 0.0, 1)},
+           ("d", "badnets", "ft"): {"acc": Stat(0.90, 0.0, 1), "asr": Stat(0.02, 0.0, 1), "dem": Stat(0.9, 0.0, 1)}}
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_save", plots_save)
+        plots.make_plots(agg, tmp_path)
+    scatter, acc, asr, dem = captured
+    assert scatter[0] <= 0 and scatter[1] >= 100 and acc == (0.0, 103.0) and asr == (0.0, 103.0)
+    assert dem[1] < 2  # Γ keeps its own scale

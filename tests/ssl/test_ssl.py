@@ -245,3 +245,16 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     save_tree(ck, {"a": torch.zeros(2)}, {"kind": "train_checkpoint"})  # a supervised-training checkpoint
     with pytest.raises(CorruptFileError, match="SSL pre-training checkpoint"):
         pretrain(_simclr(), _view(8).x, SSLTrainConfig(epochs=1, batch_size=4, progress=False), checkpoint=ck)
+
+
+def test_probe_defaults_to_the_small_backbone_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bdseal probe`` without ssl.arch trains small_half on a CPU (resnet18 would take hours there)."""
+    import json
+
+    from bdseal.ssl.probe import default_arch, probe_main
+
+    assert default_arch(torch.device("cpu")) == "small_half" and default_arch(torch.device("cuda")) == "resnet18"
+    assert probe_main(["dataset.train_per_class=12", "dataset.test_per_class=5", "ssl.epochs=1", "device=cpu",
+                       "cache=false", "progress=false"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["backbone"]["arch"] == "small_half" and 0.0 <= out["probe_acc"] <= 1.0
