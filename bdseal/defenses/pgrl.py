@@ -13,6 +13,11 @@ records the authors' code ([V]). Where the two disagree REFERENCE.md is followed
   reference rule falls back to "negative final weight".
 - Learning-rate schedule: cosine 0.01 → 0.0001 as the seed says (their code runs constant; set
   ``train.schedule=constant`` to follow the code).
+- From the authors' code (REFERENCE.md, corrected): D_v is *weakly* augmented and counts twice in the loss
+  after warm-up; WCE weights come from the train-mode view-0 features collected during training; crops use
+  reflect padding and RandAugment draws each op's parameter from the Table 10 ranges; 64×64 input and the
+  2×2-pooled (2048-d) feature are options (``input_size``, ``feature_grid``). Warm-up and weight refreshes
+  are scheduled in optimizer steps. Every difference to their code is tabulated in docs/pgrl.md.
 
 The defender sees only the (possibly poisoned) training set with observed labels and the clean set
 D_v (``clean_per_class`` per class, the threat model's grant). Nothing here reads ground truth.
