@@ -184,7 +184,7 @@ def test_labels_pick_config_options_and_per_label_overrides():
     assert bench.available("attack", "pgrl/freq") and not bench.available("attack", "pgrl/nope") and not bench.available("defense", "pgbd/x")
 
 
-@pytest.mark.parametrize("name", ["gssd_cifar", "pgbd_cifar", "pgrl_cifar", "pgrl_gpu", "vibe_cifar", "attacks_cifar"])
+@pytest.mark.parametrize("name", ["gssd_cifar", "pgbd_cifar", "pgrl_cifar", "pgrl_cifar_1k", "pgrl_gpu", "vibe_cifar", "attacks_cifar"])
 def test_paper_bench_configs_compose(name):
     """Every cell of the per-paper CIFAR-10 matrices composes (Hydra refuses unknown keys), with its variant."""
     spec, _ = parse_args([f"bench={name}"])
