@@ -33,12 +33,12 @@ from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
 from bdseal.experiment.export import DefenderData, PoisonedData, load_poisoned, save_poisoned
 from bdseal.experiment.run import _clean_subset, clean_set, detection, resolve_device
 from bdseal.experiment.run import evaluate as _evaluate
+from bdseal.experiment.validate import _group_yaml, check_defense_keys, defense_defaults
 from bdseal.metrics import relabel_accuracy
 from bdseal.models.wrap import ModelInterfaceError, WrappedClassifier, as_classifier, unwrap
 from bdseal.train import TrainConfig, fit
 
 log = logging.getLogger("bdseal")
-_CONF = Path(__file__).parent / "conf"
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -98,15 +98,6 @@ def poison(
                         clean_pool=pool, info=info)
 
 
-def _yaml_defaults(group: str, name: str) -> dict[str, Any]:
-    path = _CONF / group / f"{name}.yaml"
-    if not path.exists():
-        return {}
-    d = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(d, dict)
-    return {str(k): v for k, v in d.items()}
-
-
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -116,7 +107,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def default_recipe(**overrides: Any) -> TrainConfig:
     """``bdseal run``'s training recipe (``conf/train/default.yaml``) with ``overrides`` (``epochs=5``...)."""
-    return TrainConfig.from_dict(_merge(_yaml_defaults("train", "default"), overrides))
+    return TrainConfig.from_dict(_merge(_group_yaml("train", "default") or {}, overrides))
 
 
 def _train_split(data: PoisonedData | DefenderData | ImageDataset | tuple[ArrayLike, ArrayLike]) -> ImageDataset:
@@ -194,7 +185,8 @@ def defend(
     seen = data.defender_data(target_known) if isinstance(data, PoisonedData) else data
     if not isinstance(seen, DefenderData):
         raise TypeError(f"defend: data must be PoisonedData or DefenderData, got {type(data).__name__}")
-    cfg = _merge(_yaml_defaults("defense", defense) or {"name": defense}, overrides)
+    cfg = _merge(defense_defaults(defense) or {"name": defense}, overrides)
+    check_defense_keys(OmegaConf.create({"defense": cfg}))  # a misspelt option is an error, not ignored
     dev = resolve_device(device)
 
     def fresh(num_classes: int | None = None) -> nn.Module:

@@ -34,21 +34,32 @@ def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> 
     import hydra
     from omegaconf import DictConfig
 
+    from bdseal.errors import BdsealError
     from bdseal.registry import preload_plugins
 
+    caught: list[BaseException] = []
     preload_plugins(argv)  # plugins=[...]: their attacks/defenses/... become selectable config choices
 
     @hydra.main(config_path="conf", config_name=config_name, version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         _setup_logging()
-        task(cfg)
+        try:
+            task(cfg)
+        except (BdsealError, KeyboardInterrupt) as e:  # reported by main() as one line, not by Hydra
+            caught.append(e)
+            if isinstance(e, KeyboardInterrupt):
+                raise
 
     saved = sys.argv
     sys.argv = [f"bdseal {config_name}", *argv]
     try:
         _app()
+    except KeyboardInterrupt:
+        raise
     finally:
         sys.argv = saved
+    if caught:
+        raise caught[0]
     return 0
 
 
@@ -117,8 +128,11 @@ def cmd_bench(argv: list[str]) -> int:
     spec, options = bench.parse_args(argv)
     if options.get("ingest"):
         roots = options["ingest"] if isinstance(options["ingest"], list) else [options["ingest"]]
-        print(f"ingested {bench.ingest(spec, [str(r) for r in roots])} finished run dirs into {spec.store_path}")
-        return 0
+        refused: list[str] = []
+        print(f"ingested {bench.ingest(spec, [str(r) for r in roots], refused)} finished run dirs into {spec.store_path}")
+        for why in refused:
+            print(f"  refused: {why}")
+        return 1 if refused else 0
     if options.get("prune"):
         moved = bench.prune_stale(spec)
         print(f"moved {len(moved)} rows of this matrix's cells with an outdated config to {spec.out}/{bench.STALE_NAME}")
@@ -127,6 +141,8 @@ def cmd_bench(argv: list[str]) -> int:
     print(f"bench {spec.name}: ran {len(res.ran)}, already done {len(res.skipped)}, failed {len(res.failed)}; store {res.store}")
     for name in res.missing:
         print(f"  skipped (not available): {name}")
+    for label in res.elsewhere:
+        print(f"  running in another bench process: {label}")
     for label, err in res.failed:
         print(f"  FAILED {label}: {err}")
     return 1 if res.failed else 0
@@ -160,7 +176,31 @@ def cmd_bench_speed(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch a subcommand. bdseal's own errors (:class:`bdseal.errors.BdsealError`) print one line
+    ``bdseal: error: ...`` and exit 2; Ctrl-C prints one line and exits 130; ``BDSEAL_DEBUG=1`` or
+    ``--debug`` shows the traceback instead."""
+    import os
+
+    from bdseal.errors import BdsealError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("BDSEAL_DEBUG", "").lower() not in ("", "0", "false", "no") or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("bdseal: interrupted (Ctrl-C); the unfinished run wrote no results", file=sys.stderr)
+        return 130
+    except BdsealError as e:
+        if debug:
+            raise
+        print(f"bdseal: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         for name, (help_, _) in SUBCOMMANDS.items():
@@ -168,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = argv.pop(0) if argv and not ("=" in argv[0] or argv[0].startswith("-")) else "run"
     if cmd not in SUBCOMMANDS:
-        print(f"bdseal: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        print(f"bdseal: error: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     help_, fn = SUBCOMMANDS[cmd]
     if cmd not in HELP_HANDLED_BY_COMMAND and any(a in ("-h", "--help") for a in argv):

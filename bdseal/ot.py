@@ -8,9 +8,12 @@ large λ (VIBE: λ = 25 on log-probabilities) and tiny ε (PGRL: ε = 0.05 on co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from bdseal.errors import TrainingDivergedError
 
 
 @dataclass
@@ -69,4 +72,7 @@ def sinkhorn_log(
     log_plan = s + log_u[:, None] + log_v[None, :]
     if tol is None:
         err = float((log_plan.exp().sum(0) - b).abs().max())
+    if not math.isfinite(err) or bool(torch.isnan(log_plan).any()):  # one host sync per solve
+        raise TrainingDivergedError("Sinkhorn produced a non-finite transport plan (the scores hold NaN/inf, e.g. from a "
+                                    "diverged model); lower the learning rate, or raise epsilon if the scores are finite")
     return SinkhornResult(log_plan.to(scores.dtype if scores.is_floating_point() else torch.float32), it, err)

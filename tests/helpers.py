@@ -10,6 +10,7 @@ import torch
 from bdseal.attacks import Oracle, PoisonedSet
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
+from bdseal.io import load_model_state
 
 
 def scrambled(ps: PoisonedSet, seed: int = 123) -> PoisonedSet:
@@ -36,7 +37,7 @@ def run_cell(tmp_path: Path, overrides: Sequence[str], name: str = "run", scramb
     metrics = run_mod.run_experiment(cfg)
     if scramble:
         monkeypatch.setattr(run_mod, "poison", real)
-    return metrics, torch.load(tmp_path / name / "model.pt")
+    return metrics, load_model_state(tmp_path / name)[0]
 
 
 def assert_oracle_blind(tmp_path: Path, overrides: Sequence[str], monkeypatch, extra_keys: Sequence[str] = ()) -> None:

@@ -45,3 +45,13 @@ def test_bad_inputs():
         sinkhorn_log(torch.randn(3, 2), 0.0)
     with pytest.raises(ValueError):
         sinkhorn_log(torch.randn(3, 2), 0.1, col_marginal=torch.tensor([0.9, 0.9]))
+
+
+def test_non_finite_scores_stop_with_an_error_instead_of_a_nan_plan():
+    from bdseal.errors import TrainingDivergedError
+
+    s = torch.randn(20, 4, dtype=torch.float64)
+    s[3, 1] = float("nan")
+    for tol in (None, 1e-6):
+        with pytest.raises(TrainingDivergedError, match="non-finite transport plan"):
+            sinkhorn_log(s, 0.1, max_iter=20, tol=tol)

@@ -21,6 +21,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -189,6 +190,11 @@ def load_npz(path: str | os.PathLike, name: str = "npz") -> DataSplits:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{name}: file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise DataError(f"{name}: {path} is not an .npz archive (it does not start like a zip file); "
+                        "regenerate it with numpy.savez or point the dataset's root at the right file")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
@@ -198,8 +204,9 @@ def load_npz(path: str | os.PathLike, name: str = "npz") -> DataSplits:
             classes = [str(c) for c in z["classes"].tolist()] if "classes" in z.files else None
     except DataError:
         raise
-    except (OSError, ValueError) as e:
-        raise DataError(f"{name}: cannot read {path}: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:  # truncated or damaged archive
+        why = "it holds object arrays, which bdseal does not unpickle" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{name}: cannot read {path} ({why}); the file is damaged or truncated: regenerate or re-download it") from e
     if classes is None:
         ys = np.concatenate([arrays["y_train"].ravel(), arrays["y_test"].ravel()])
         classes = [str(i) for i in range(int(ys.max()) + 1 if ys.size else 0)]
@@ -397,12 +404,36 @@ _CIFAR = {
 }
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR python batches contain: dicts, lists, bytes, ints and numpy
+    arrays / scalars (rebuilt by numpy's own reconstructors). Any other global is refused, so a hostile
+    file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        if name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        try:
+            from numpy._core import multiarray as ma  # numpy >= 2
+        except ImportError:  # numpy 1.x
+            from numpy.core import multiarray as ma  # type: ignore[no-redef]
+        return getattr(ma, name)
+
+
 def _unpickle(path: Path, name: str) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise DataError(f"{name}: cannot read {path}: {e}") from e
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{name}: cannot read {path} ({e}); it is not an official CIFAR python batch: "
+                        "re-download it (download=true) or use an .npz") from e
     if not isinstance(d, dict):
         raise DataError(f"{name}: {path} does not hold a dict")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}

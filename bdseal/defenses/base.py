@@ -17,7 +17,7 @@ from torch import nn
 
 from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data.dataset import ImageDataset
-from bdseal.errors import BdsealError
+from bdseal.errors import BdsealError, ConfigError
 from bdseal.models.wrap import as_classifier
 from bdseal.registry import import_plugins, unknown_name_message
 from bdseal.train.loop import TrainConfig
@@ -87,7 +87,7 @@ class DefenseResult:
     poisoned. ``flagged`` (N,) bool: the defense's own poisoned/clean decision. ``relabels`` (N,):
     new label per sample, −1 where not relabelled. ``extras``: defense-specific facts (JSON-able).
     Tensors the experiment layer should plot against the ground truth go to files in ``ctx.run_dir``
-    (``gssd_scores.pt``, ``pgrl_state.pt``), read by ``bdseal.experiment.figures``. ``relabel_history``:
+    (``gssd_scores.safetensors``, ``pgrl_state.safetensors``, through ``bdseal.io``), read by ``bdseal.experiment.figures``. ``relabel_history``:
     for iterative relabelling defenses (VIBE's E-steps), ``(step, (N,) labels)`` after each round, −1 where
     a sample got none; the experiment layer scores it against the oracle (``metrics.relabel_history``)."""
 
@@ -132,7 +132,7 @@ def _load_all() -> dict[str, str]:
 def get_defense(name: str) -> DefenseSpec:
     errors = _load_all()
     if name not in _DEFENSES:
-        raise ValueError(unknown_name_message("defense", name, sorted(_DEFENSES), errors))
+        raise ConfigError(unknown_name_message("defense", name, sorted(_DEFENSES), errors))
     return _DEFENSES[name]
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from bdseal.data.augment import build_augment
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
+from bdseal.io import save_tensors
 from bdseal.ot import sinkhorn_log
 from bdseal.plotting import pyplot, save_figure
 from bdseal.prototypes import class_means
@@ -409,8 +410,8 @@ def run_pgrl(view: DefenderView, cfg: dict[str, Any], ctx: RunContext, *, lcv: b
     fit(model, view.x, view.y, train_cfg, device=ctx.device, loss_fn=trainer.loss, hooks=trainer, seed=ctx.seed,
         desc=trainer.extras()["variant"])
     if ctx.run_dir is not None:
-        torch.save({"weights": trainer.weights.cpu(), "consistent": trainer.consistent.cpu()},
-                   Path(ctx.run_dir) / "pgrl_state.pt")
+        save_tensors(Path(ctx.run_dir) / "pgrl_state.safetensors", {"weights": trainer.weights, "consistent": trainer.consistent},
+                     {"kind": "pgrl_state"})
     return DefenseResult(model.eval(), scores=trainer.scores(), flagged=trainer.flagged(), extras=trainer.extras())
 
 

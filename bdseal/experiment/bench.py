@@ -26,7 +26,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from bdseal.errors import ConfigError
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
 from bdseal.metrics import clean_json
@@ -99,6 +103,7 @@ class BenchResult:
     skipped: list[str] = field(default_factory=list)  # hashes already in the store
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell label, error)
     missing: list[str] = field(default_factory=list)  # names skipped because they are not registered
+    elsewhere: list[str] = field(default_factory=list)  # cells another live bench process is running
     store: Path | None = None
 
 
@@ -110,7 +115,7 @@ def bench_config_path(name: str) -> Path:
     packaged = resources.files("bdseal.conf") / "bench" / f"{name}.yaml"
     if not packaged.is_file():
         known = sorted(f.name[:-5] for f in (resources.files("bdseal.conf") / "bench").iterdir() if f.name.endswith(".yaml"))
-        raise ValueError(f"unknown bench config {name!r}: not a YAML file and not one of {known}")
+        raise ConfigError(f"unknown bench config {name!r}: not a YAML file and not one of {known}")
     return Path(str(packaged))
 
 
@@ -125,7 +130,7 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise ValueError(f"bench: expected key=value, got {arg!r}")
+            raise ConfigError(f"bench: expected key=value, got {arg!r}")
         if key == "bench":
             bench_name = value
         elif key in ("dry_run", "ingest", "prune"):
@@ -133,7 +138,7 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
         elif key.split(".")[0] in _SPEC_KEYS:  # also defense_overrides.pgrl=[...]
             matrix.append(arg)
         elif key in _AXES:
-            raise ValueError(f"bench: {arg!r} would fix one axis of the matrix for every cell; use {_AXES[key]}=[...]")
+            raise ConfigError(f"bench: {arg!r} would fix one axis of the matrix for every cell; use {_AXES[key]}=[...]")
         else:
             cell_over.append(arg)
     base = OmegaConf.load(bench_config_path(bench_name)) if bench_name else OmegaConf.create({})
@@ -143,7 +148,34 @@ def parse_args(argv: list[str]) -> tuple[BenchSpec, dict[str, Any]]:
     if "attacks" in given and "attacks_by_defense" not in given:
         spec.attacks_by_defense = {}  # attacks=[...] on the command line applies to every defense
     spec.late_overrides = [*spec.late_overrides, *cell_over]
+    check_override_labels(spec, {a.partition("=")[0] for a in matrix})
     return spec, options
+
+
+def check_override_labels(spec: BenchSpec, given: set[str]) -> None:
+    """A ``<group>_overrides.<label>`` given on the command line must name a label of the matrix (a typo
+    would otherwise be ignored silently); the valid labels are listed."""
+    for key in sorted(given):
+        head, _, label = key.partition(".")
+        group = head[: -len("_overrides")] if head.endswith("_overrides") else None
+        if group not in ("dataset", "attack", "defense") or not label:
+            continue
+        labels = list(getattr(spec, _AXES[group]))
+        if labels != ["all"] and label not in labels:
+            raise ConfigError(f"bench: {key} names no {group} of the matrix; {_AXES[group]} are {labels}: "
+                              f"fix the label or add it to {_AXES[group]}=[...]")
+
+
+def validate_cells(todo: list[tuple["Cell", DictConfig, str]]) -> None:
+    """:func:`bdseal.experiment.validate.validate_run_config` on every cell before the first one runs, so a
+    typo in one cell's overrides (``+defense.<key>``, a per-class size...) stops the bench up front."""
+    from bdseal.experiment.validate import validate_run_config
+
+    for cell, cfg, _ in todo:
+        try:
+            validate_run_config(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"bench cell {cell.label}: {e}") from None
 
 
 def _conf_file(group: str, option: str) -> Any:
@@ -236,7 +268,7 @@ def plan_cells(spec: BenchSpec, missing: list[str] | None = None) -> list[Cell]:
         for n in names:
             if not label_available(spec, group, n):
                 if not spec.skip_missing:
-                    raise ValueError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/ config)")
+                    raise ConfigError(f"bench: {group} {n!r} is not available (not registered or no conf/{group}/ config)")
                 if missing is not None and f"{group}={n}" not in missing:
                     missing.append(f"{group}={n}")
     for ds, df in itertools.product(spec.datasets, defenses):
@@ -279,29 +311,58 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> BenchResult:
             result.skipped.append(h)
         else:
             todo.append((cell, cfg, h))
+    validate_cells(todo)
     log.info("bench %s: %d cells, %d done, %d to run; store %s", spec.name, len(cells), len(result.skipped), len(todo), spec.store_path)
     if dry_run:
         for cell, _, h in todo:
             print(f"{h}  {cell.label}  {' '.join((*cell.overrides[:3], *cell.overrides[4:]))}")
         return result
-    bar = tqdm(todo, desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
-    for cell, cfg, h in bar:
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    bar = tqdm(total=len(todo), desc=f"bench {spec.name}", disable=not spec.progress, dynamic_ncols=True)
+    busy = _run_claimed(todo, spec, store, owner, result, bar)
+    if busy:  # cells another bench held: run those whose claimant has finished or died meanwhile
+        still = _run_claimed(busy, spec, store, owner, result, bar)
+        for cell, _, h in still:
+            if not store.has(h):
+                result.elsewhere.append(cell.label)
+            else:
+                result.skipped.append(h)
+    bar.close()
+    return result
+
+
+def _run_claimed(todo: list[tuple[Cell, DictConfig, str]], spec: BenchSpec, store: ResultStore, owner: str,
+                 result: BenchResult, bar: Any) -> list[tuple[Cell, DictConfig, str]]:
+    """Run each cell this process can claim in the store (:meth:`ResultStore.claim`); returns the cells
+    that another live bench holds."""
+    busy = []
+    for cell, cfg, h in todo:
+        if not store.claim(h, owner):
+            if store.has(h):
+                result.skipped.append(h)
+                bar.update(1)
+            else:
+                busy.append((cell, cfg, h))
+            continue
         bar.set_postfix_str(cell.label, refresh=True)
         t0 = time.time()
         try:
-            metrics = run_mod.run_experiment(cfg)
-        except Exception as e:  # a KeyboardInterrupt propagates: the cell stays undone
+            with store.claimed(h, owner):
+                metrics = run_mod.run_experiment(cfg)
+        except Exception as e:  # a KeyboardInterrupt propagates: the cell stays undone (claim released)
             if not spec.keep_going:
                 raise
             log.error("bench %s: cell %s failed: %s: %s", spec.name, cell.label, type(e).__name__, e)
             result.failed.append((cell.label, f"{type(e).__name__}: {e}"))
+            bar.update(1)
             continue
-        store.add(Row(h, cell.dataset, str(cfg.model.name), cell.attack, cell.defense, cell.seed,
-                      resolved_config(cfg), clean_json(metrics), str(cfg.out)))  # type: ignore[arg-type]
+        store.finish(Row(h, cell.dataset, str(cfg.model.name), cell.attack, cell.defense, cell.seed,
+                         resolved_config(cfg), clean_json(metrics), str(cfg.out)), owner)  # type: ignore[arg-type]
         result.ran.append(h)
+        bar.update(1)
         log.info("bench %s: %s done in %.1fs (acc %.4f asr %s)", spec.name, cell.label, time.time() - t0,
                  metrics.get("clean_acc", float("nan")), metrics.get("asr"))
-    return result
+    return busy
 
 
 STALE_NAME = "stale.sqlite"
@@ -322,6 +383,7 @@ def prune_stale(spec: BenchSpec) -> list[Row]:
     return stale
 
 
-def ingest(spec: BenchSpec, roots: list[str]) -> int:
-    """Add finished run dirs (e.g. from ``bdseal run -m hydra/launcher=submitit_slurm ...``) to the store."""
-    return ingest_run_dirs(ResultStore(spec.store_path), roots)
+def ingest(spec: BenchSpec, roots: list[str], refused: list[str] | None = None) -> int:
+    """Add finished run dirs (e.g. from ``bdseal run -m hydra/launcher=submitit_slurm ...``) to the store;
+    directories whose config.yaml and metrics.json disagree are refused (appended to ``refused``)."""
+    return ingest_run_dirs(ResultStore(spec.store_path), roots, refused)

@@ -1,9 +1,9 @@
 """Figures that need the ground truth, drawn by the experiment layer (defenses never see it).
 
 - Post-hoc defenses (PGBD Fig. 4): Grad-CAM of M_B vs the repaired model on triggered test images.
-- GSSD (Fig. 3): σ distribution of each flagged class, clean vs poisoned, from ``gssd_scores.pt``;
+- GSSD (Fig. 3): σ distribution of each flagged class, clean vs poisoned, from ``gssd_scores.safetensors``;
   (Fig. 1, with ``figures.umap=true``): UMAP of the backbone features with poisoned samples in black.
-- PGRL: distribution of the final per-sample weights, clean vs poisoned, from ``pgrl_state.pt``.
+- PGRL: distribution of the final per-sample weights, clean vs poisoned, from ``pgrl_state.safetensors``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from bdseal.attacks import PoisonedSet
 from bdseal.defenses import DefenderView, DefenseResult, DefenseSpec, RunContext
+from bdseal.io import load_tensors, load_tree
 
 log = logging.getLogger("bdseal")
 
@@ -33,12 +33,12 @@ def draw_ground_truth_figures(spec: DefenseSpec, defense_cfg: dict[str, Any], re
 
         written.append(save_gradcam_figure({"M_B": baseline_model, "M_C": result.model}, ps.test_triggered.x[:6].to(ctx.device),
                                            out / "gradcam.png", layer=defense_cfg.get("layer")))
-    if (out / "gssd_scores.pt").exists():
+    if (out / "gssd_scores.safetensors").exists():
         written += _gssd_figures(out, ps, view, defense_cfg, ctx, umap)
-    if (out / "pgrl_state.pt").exists():
+    if (out / "pgrl_state.safetensors").exists():
         from bdseal.defenses.pgrl import plot_weight_distribution
 
-        weights = torch.load(out / "pgrl_state.pt", weights_only=False)["weights"]
+        weights = load_tensors(out / "pgrl_state.safetensors")[0]["weights"]
         written.append(Path(plot_weight_distribution(weights, poison_mask=ps.oracle.is_poison, path=out / "pgrl_weights.png")))
     return [p.name for p in written]
 
@@ -46,7 +46,7 @@ def draw_ground_truth_figures(spec: DefenseSpec, defense_cfg: dict[str, Any], re
 def _gssd_figures(out: Path, ps: PoisonedSet, view: DefenderView, defense_cfg: dict[str, Any], ctx: RunContext, umap: bool) -> list[Path]:
     from bdseal.defenses.gssd import plots
 
-    d = torch.load(out / "gssd_scores.pt", weights_only=False)
+    d, _ = load_tree(out / "gssd_scores.safetensors")
     written = []
     for t in list(d["nd"]) + list(d["d"]):
         m = d["labels"] == t

@@ -6,10 +6,14 @@ the ``Oracle`` that only ``bdseal.metrics`` reads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +28,9 @@ from bdseal.attacks.base import resolve_cover_rate
 from bdseal.cache import ArtifactCache, dataset_fingerprint
 from bdseal.data import DataError, DataSplits, ImageDataset, load_dataset, per_class_subset, split_holdout, stratified_subsample
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
-from bdseal.errors import BdsealError
+from bdseal.errors import BdsealError, ConfigError, TrainingDivergedError
+from bdseal.experiment.validate import check_per_class, validate_run_config
+from bdseal.io import CorruptFileError, atomic_write_json, load_model_state, save_model
 from bdseal.models import build_model
 from bdseal.provenance import provenance
 from bdseal.registry import load_plugins
@@ -56,16 +62,48 @@ def device_description(dev: torch.device) -> str:
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
-    """``out`` or ``runs/<time>-<cell>``; refuses a non-empty directory unless ``overwrite=true``."""
+    """``out`` or ``runs/<time>-<cell>``, checked but not created; refuses a non-empty directory unless
+    ``overwrite=true``. The run is written to a staging sibling first (:func:`staged_run_dir`)."""
     if cfg.out:
         out = Path(str(cfg.out))
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         out = Path("runs") / f"{stamp}-{cfg.dataset.name}-{cfg.attack.name}-{cfg.defense.name}-s{cfg.seed}"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"run directory {out} is a file; choose another out=")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise RunDirError(f"run directory {out} is not empty; pass overwrite=true or choose another out=")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+FAILED_SUFFIX = ".failed"
+
+
+@contextmanager
+def staged_run_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh staging directory beside ``final``; on success it replaces ``final`` (an old run
+    there is removed only now), on failure ``final`` is untouched and the staging directory is kept as
+    ``<final>.failed`` (its config.yaml and error.txt, for diagnosis; it never blocks a rerun)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException as e:
+        failed = final.with_name(final.name + FAILED_SUFFIX)
+        shutil.rmtree(failed, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (stage / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
+            stage.rename(failed)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / "run")
+    stage.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final.with_name(final.name + FAILED_SUFFIX), ignore_errors=True)
 
 
 def plain(node: Any) -> Any:
@@ -79,9 +117,11 @@ def load_data(cfg: DictConfig) -> DataSplits:
     """The dataset, optionally reduced to ``train_per_class`` / ``test_per_class`` images per class."""
     d = cfg.dataset
     splits = load_dataset(d.name, root=d.get("root"), **plain(d.get("options")))
-    if d.get("train_per_class"):
+    if d.get("train_per_class") is not None:
+        check_per_class("dataset.train_per_class", d.train_per_class, splits.train.y.bincount(minlength=splits.num_classes), splits.train.classes)
         splits = DataSplits(splits.name, stratified_subsample(splits.train, d.train_per_class, seed=0), splits.test)
-    if d.get("test_per_class"):
+    if d.get("test_per_class") is not None:
+        check_per_class("dataset.test_per_class", d.test_per_class, splits.test.y.bincount(minlength=splits.num_classes), splits.test.classes)
         splits = DataSplits(splits.name, splits.train, stratified_subsample(splits.test, d.test_per_class, seed=0))
     return splits
 
@@ -157,20 +197,23 @@ def train_baseline(cfg: DictConfig, ctx: RunContext, view_train: ImageDataset) -
 
 
 def load_backdoored(path: str, make_model: Any, device: torch.device) -> torch.nn.Module:
-    """M_B from a file: a state dict (or a run dir's ``model.pt``) for the run's ``model=`` choice."""
+    """M_B from a file for the run's ``model=`` choice: a run dir (its ``model.safetensors``), a
+    ``.safetensors`` file, or a legacy ``.pt`` state dict read with ``torch.load(weights_only=True)``
+    (:func:`bdseal.io.load_model_state`; nothing is unpickled)."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "model.pt"
-    if not p.exists():
-        raise FileNotFoundError(f"backdoored_ckpt {p} does not exist")
-    state = torch.load(p, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a training checkpoint written by train.fit
+    try:
+        state, _ = load_model_state(p)
+    except FileNotFoundError:
+        raise ConfigError(f"backdoored_ckpt={path}: no such file or run directory (with model.safetensors); fix the path") from None
+    except CorruptFileError as e:
+        raise CorruptFileError(f"backdoored_ckpt: {e}") from None
     model = make_model()
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"backdoored_ckpt {p} does not fit model={type(model).__name__}: {e}") from e
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ConfigError(f"backdoored_ckpt={path} does not fit model={type(model).__name__} ({first}); "
+                          "pass the model= the checkpoint was trained with") from None
     return model.to(device).eval()
 
 
@@ -224,29 +267,45 @@ def prepare_cell(cfg: DictConfig, run_dir: Path | None = None) -> PreparedCell:
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
-    """Run one cell and write ``metrics.json``, ``config.yaml`` and ``model.pt`` to the run dir."""
+    """Run one cell and write ``metrics.json``, ``config.yaml`` and ``model.safetensors`` (+ ``model.json``)
+    to the run dir. The config is validated first; the directory appears only when the run succeeded
+    (:func:`staged_run_dir`)."""
     t0 = time.time()
     load_plugins(cfg.get("plugins"))
-    out = prepare_run_dir(cfg)
+    validate_run_config(cfg)
+    final = prepare_run_dir(cfg)
+    with staged_run_dir(final) as out:
+        metrics = _run_cell(cfg, out, t0)
+        metrics["run_dir"] = str(final)
+        atomic_write_json(out / "metrics.json", M.clean_json(metrics))
+    return metrics
+
+
+def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
+    """The body of :func:`run_experiment`, writing into the staging directory ``out``."""
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     cell = prepare_cell(cfg, run_dir=out)
     device, seed, ps, ctx = cell.device, cell.seed, cell.poisoned, cell.ctx
     make_model, defender_pool = ctx.build_model, cell.defender_pool
     spec = get_defense(cfg.defense.name)
     want_baseline = cfg.baseline == "auto" and spec.name != "none" or cfg.baseline is True
+    clean = _clean_subset(defender_pool, cfg, seed) if spec.needs_clean else None  # before any training
     baseline_model = None
     if cfg.get("backdoored_ckpt"):
         baseline_model = load_backdoored(str(cfg.backdoored_ckpt), make_model, device)
     elif want_baseline or spec.post_hoc:
         baseline_model = train_baseline(cfg, ctx, ps.train)
+    if baseline_model is not None:
+        check_finite_model(baseline_model, "the backdoored (baseline) model")
     view = DefenderView(
         train=ps.train,
-        clean=_clean_subset(defender_pool, cfg, seed) if spec.needs_clean else None,
+        clean=clean,
         backdoored_model=copy.deepcopy(baseline_model) if spec.post_hoc else None,
         known_target=int(cfg.attack.target) if cfg.defender.target_known and cfg.attack.name != "none" else None,
     )
     log.info("defense %s on %s/%s (%d train, %d poisoned)", spec.name, cfg.dataset.name, cfg.attack.name, len(ps.train), int(ps.oracle.is_poison.sum()))
     result = spec.fn(view, defense_config(cfg), ctx)
+    check_finite_model(result.model, f"the {spec.name} defense's model")
     metrics: dict[str, Any] = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "attack": cfg.attack.name, "defense": spec.name,
         "seed": seed, "poison_rate": ps.poison_rate, "target": int(cfg.attack.target) if cfg.attack.name != "none" else None,
@@ -279,10 +338,17 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     metrics["time_s"] = time.time() - t0
     metrics.update(provenance(device=device_description(device), input_shape=list(ps.train.image_shape),
                               num_classes=ps.train.num_classes))
-    metrics["run_dir"] = str(out)
-    torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
-    (out / "metrics.json").write_text(json.dumps(M.clean_json(metrics), indent=2))
+    save_model(out, result.model, {"arch": cfg.model.name, "dataset": cfg.dataset.name, "attack": cfg.attack.name,
+                                   "defense": spec.name, "seed": seed})
     return metrics
+
+
+def check_finite_model(model: torch.nn.Module, what: str) -> None:
+    """Refuse to evaluate a model with NaN/inf weights (it would predict one class: a fake ASR of 1.0)."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingDivergedError(f"{what} has non-finite weights ({', '.join(bad[:3])}); the training diverged: "
+                                    "lower the learning rate (train.lr or the defense's lr)")
 
 
 def _clean_subset(pool: ImageDataset, cfg: DictConfig, seed: int) -> ImageDataset:

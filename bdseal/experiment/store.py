@@ -12,8 +12,14 @@ SQLite's file lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bdseal.cache import fingerprint
+from bdseal.errors import BdsealError, ConfigError
+from bdseal.io import CorruptFileError, read_json
+
+log = logging.getLogger("bdseal.bench")
 
 STORE_FILE_NAMES = ("results.sqlite",)  # what ``bdseal report DIR`` looks for in a bench directory
 
@@ -44,6 +54,29 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL DEFAULT (julianday('now'))
 )
 """
+
+
+_CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    config_hash TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    heartbeat REAL NOT NULL
+)
+"""
+
+CLAIM_TTL_S = 120.0  # a claim whose heartbeat is older than this is abandoned (its claimant crashed)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolved_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +114,7 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.execute(_SCHEMA)
+            con.execute(_CLAIMS)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -109,6 +143,78 @@ class ResultStore:
                 (row.config_hash, row.dataset, row.model, row.attack, row.defense, int(row.seed),
                  json.dumps(row.config, sort_keys=True), json.dumps(row.metrics, sort_keys=True), row.run_dir),
             )
+
+    # --- claims: several bench processes on one store run each cell once ---------------------------------
+
+    def claim(self, config_hash: str, owner: str, ttl: float = CLAIM_TTL_S) -> bool:
+        """Take ``config_hash`` for ``owner`` unless its row exists or another live claimant holds it. A
+        claim is abandoned when its process is gone (same host) or its heartbeat is older than ``ttl``
+        seconds (any host). One ``BEGIN IMMEDIATE`` transaction, so two processes never both win."""
+        host, now = socket.gethostname(), time.time()
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            if con.execute("SELECT 1 FROM runs WHERE config_hash = ?", (config_hash,)).fetchone():
+                con.execute("COMMIT")
+                return False
+            held = con.execute("SELECT owner, host, pid, heartbeat FROM claims WHERE config_hash = ?", (config_hash,)).fetchone()
+            if held is not None and held[0] != owner:
+                o_host, o_pid, beat = held[1], int(held[2]), float(held[3])
+                alive = now - beat < ttl and (o_host != host or _pid_alive(o_pid))
+                if alive:
+                    con.execute("COMMIT")
+                    return False
+            con.execute("INSERT OR REPLACE INTO claims (config_hash, owner, host, pid, heartbeat) VALUES (?, ?, ?, ?, ?)",
+                        (config_hash, owner, host, os.getpid(), now))
+            con.execute("COMMIT")
+            return True
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    def heartbeat(self, config_hash: str, owner: str) -> None:
+        with self._connect() as con:
+            con.execute("UPDATE claims SET heartbeat = ? WHERE config_hash = ? AND owner = ?", (time.time(), config_hash, owner))
+
+    def release(self, config_hash: str, owner: str) -> None:
+        with self._connect() as con:
+            con.execute("DELETE FROM claims WHERE config_hash = ? AND owner = ?", (config_hash, owner))
+
+    def finish(self, row: Row, owner: str) -> None:
+        """Store ``row`` and drop ``owner``'s claim in one transaction (a row already there is kept)."""
+        with self._connect() as con:
+            con.execute(
+                "INSERT OR IGNORE INTO runs (config_hash, dataset, model, attack, defense, seed, config, metrics, run_dir) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.config_hash, row.dataset, row.model, row.attack, row.defense, int(row.seed),
+                 json.dumps(row.config, sort_keys=True), json.dumps(row.metrics, sort_keys=True), row.run_dir),
+            )
+            con.execute("DELETE FROM claims WHERE config_hash = ? AND owner = ?", (row.config_hash, owner))
+
+    @contextmanager
+    def claimed(self, config_hash: str, owner: str, every: float = CLAIM_TTL_S / 4) -> Iterator[None]:
+        """Keep ``owner``'s claim fresh (a heartbeat thread) while the block runs; release it on failure."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every):
+                with contextlib.suppress(sqlite3.Error):
+                    self.heartbeat(config_hash, owner)
+
+        t = threading.Thread(target=beat, daemon=True)
+        t.start()
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.release(config_hash, owner)
+            raise
+        finally:
+            stop.set()
+            t.join()
 
     def move_to(self, other: "ResultStore", rows: Iterable[Row]) -> None:
         """Move ``rows`` (read from this store) into ``other``: added there first, replacing a same-hash
@@ -167,20 +273,41 @@ def row_from_run_dir(run_dir: str | Path) -> Row | None:
     cfg_path, met_path = run_dir / "config.yaml", run_dir / "metrics.json"
     if not (cfg_path.exists() and met_path.exists()):
         return None
-    cfg = OmegaConf.load(cfg_path)
-    metrics = json.loads(met_path.read_text())
+    try:
+        cfg = OmegaConf.load(cfg_path)
+    except Exception as e:  # yaml's and OmegaConf's parse errors
+        raise CorruptFileError(f"{cfg_path} does not parse ({e}); rerun the cell or remove the directory") from e
+    metrics = read_json(met_path)
+    check_run_dir_consistent(run_dir, cfg, metrics)
     return Row(cell_hash(cfg), str(cfg.dataset.name), str(cfg.model.name), str(cfg.attack.name), str(cfg.defense.name),
                int(cfg.seed), resolved_config(cfg), metrics, str(run_dir))
 
 
-def ingest_run_dirs(store: ResultStore, roots: Iterable[str | Path]) -> int:
+def check_run_dir_consistent(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """:class:`ConfigError` when ``metrics.json`` was not produced by ``config.yaml`` (a mixed directory)."""
+    want = {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name), "attack": str(cfg.attack.name),
+            "defense": str(cfg.defense.name), "seed": int(cfg.seed)}
+    diff = {k: (v, metrics.get(k)) for k, v in want.items() if metrics.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: config {a!r} vs metrics {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"run directory {run_dir}: config.yaml and metrics.json disagree ({shown}); rerun the cell or remove the directory")
+
+
+def ingest_run_dirs(store: ResultStore, roots: Iterable[str | Path], refused: list[str] | None = None) -> int:
     """Add every finished run directory under ``roots`` (searched for ``metrics.json``) that the store
-    does not hold yet; returns how many rows were added."""
+    does not hold yet; returns how many rows were added. A directory whose config and metrics disagree, or
+    whose files do not parse, is refused (logged, and appended to ``refused``)."""
     added = 0
     known = store.hashes()
     for root in roots:
         for met in sorted(Path(root).rglob("metrics.json")):
-            row = row_from_run_dir(met.parent)
+            try:
+                row = row_from_run_dir(met.parent)
+            except BdsealError as e:
+                log.warning("not ingested: %s", e)
+                if refused is not None:
+                    refused.append(str(e))
+                continue
             if row is not None and row.config_hash not in known:
                 store.add(row)
                 known.add(row.config_hash)

@@ -30,6 +30,8 @@ from .small import SmallCNN, small, small_half
 from .vgg import VGG, vgg16
 from .wrap import ModelInterfaceError, WrappedClassifier, as_classifier, is_classifier, unwrap
 
+from bdseal.errors import ConfigError
+
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.25
 
@@ -136,7 +138,7 @@ def build_model(
     try:
         builder = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     mean_t = _stats(mean, DEFAULT_MEAN, in_channels, "mean")
     std_t = _stats(std, DEFAULT_STD, in_channels, "std")
     model = builder(num_classes, in_channels, image_size, mean_t, std_t, **kwargs)

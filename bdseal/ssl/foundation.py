@@ -105,10 +105,10 @@ def load_foundation(path: str | Path, device: torch.device | str = "cpu", image_
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     is_clip = config.model_type in ("clip", "clip_vision_model")
     if is_clip:
-        model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        model = CLIPVisionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # never a pickled .bin
         vcfg = model.config
     else:
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # never a pickled .bin
         vcfg = model.config
     size = int(image_size or getattr(vcfg, "image_size", 224))
     patch = int(getattr(vcfg, "patch_size", 16))

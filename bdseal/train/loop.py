@@ -9,7 +9,7 @@ auxiliary losses), ``extra_params`` (trainable non-model tensors, e.g. VIBE's pr
 
 from __future__ import annotations
 
-import os
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bdseal.data.augment import build_augment
+from bdseal.errors import ConfigError, TrainingDivergedError
+from bdseal.io import CorruptFileError, load_tree, save_tree
 from bdseal.train.schedule import lr_multiplier
 
 
@@ -58,11 +60,34 @@ class TrainConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        """Reject values that cannot train (they would give an untrained or NaN model, not an error)."""
+        for name in ("epochs", "batch_size"):
+            _check_number(name, getattr(self, name), int, minimum=1 if name == "batch_size" or self.steps is None else 0)
+        if self.steps is not None:
+            _check_number("steps", self.steps, int, minimum=1)
+        _check_number("lr", self.lr, float, minimum=0.0, strict=True)
+        for name in ("momentum", "weight_decay", "gamma", "warmup_epochs", "min_lr_ratio", "label_smoothing"):
+            _check_number(name, getattr(self, name), float, minimum=0.0)
 
     def replace(self, **kw: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**asdict(self), **kw})
+
+
+def _check_number(name: str, value: Any, kind: type, *, minimum: float, strict: bool = False) -> None:
+    """A training option of type ``kind`` (int, or float that also admits ints) and at least ``minimum``
+    (above it when ``strict``); :class:`ConfigError` naming the option otherwise."""
+    ok_type = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok_type:
+        raise ConfigError(f"training option {name}={value!r} must be {'an integer' if kind is int else 'a number'}; "
+                          f"set {name}= to a {'whole ' if kind is int else ''}number (e.g. train.{name}=...)")
+    bad = not math.isfinite(value) or value < minimum or (strict and value == minimum)
+    if bad:
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ConfigError(f"training option {name}={value!r} must be finite and {bound}; fix {name} (e.g. train.{name}=...)")
 
 
 @dataclass
@@ -125,7 +150,7 @@ def _optimizer(params: list[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
 
 
 def _distributed() -> tuple[int, int]:
@@ -191,9 +216,11 @@ def fit(
     state = TrainState(model, optimizer, total_steps=total)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    extra = [p for g in extra_params for p in g["params"]]
     start_epoch = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        start_epoch = _load_checkpoint(checkpoint, state, gen)
+        start_epoch = _load_checkpoint(checkpoint, state, gen, aug_gen, extra)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     bar = tqdm(total=total, initial=state.step, desc=desc, disable=not cfg.progress or rank != 0,
                leave=False, dynamic_ncols=True)
     train_model.train(cfg.train_mode)
@@ -224,38 +251,85 @@ def fit(
             optimizer.step()
             state.step += 1
             epoch_loss += loss.detach()  # stays on the device: no host sync per step
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.step - 1, first_bad)
             n_batches += 1
             bar.update(1)
             if state.step % 25 == 0:
                 state.last_loss = float(loss.detach())
+                _raise_if_diverged(first_bad, state, epoch, cfg, desc)
                 bar.set_postfix(epoch=epoch, loss=f"{state.last_loss:.3f}", refresh=False)
             hooks.on_step_end(state)
         state.last_loss = float(epoch_loss) / max(1, n_batches)
+        _raise_if_diverged(first_bad, state, epoch, cfg, desc)
         state.history.append({"epoch": epoch, "loss": state.last_loss})
         hooks.on_epoch_end(state)
         if checkpoint is not None and rank == 0:
-            _save_checkpoint(checkpoint, state, gen, epoch + 1)
+            _save_checkpoint(checkpoint, state, gen, aug_gen, extra, epoch + 1)
     bar.close()
     model.eval()
     return state
 
 
-def _save_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, next_epoch: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "epoch": next_epoch, "step": state.step, "history": state.history,
-                "generator": gen.get_state()}, tmp)
-    os.replace(tmp, path)
+def _raise_if_diverged(first_bad: torch.Tensor, state: TrainState, epoch: int, cfg: TrainConfig, desc: str) -> None:
+    """Stop with :class:`TrainingDivergedError` once any loss so far was NaN/inf (one host sync, at points
+    where the loop syncs anyway), so no NaN model reaches evaluation."""
+    bad = int(first_bad)
+    if bad >= 0 or not math.isfinite(state.last_loss):
+        step = bad if bad >= 0 else state.step - 1
+        raise TrainingDivergedError(
+            f"{desc}: the training loss became non-finite at epoch {epoch}, step {step} (lr={cfg.lr:g}, "
+            f"optimizer={cfg.optimizer}); the learning rate is most likely too high: lower it (train.lr or the defense's lr)")
 
 
-def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def _rng_states(aug_gen: torch.Generator) -> dict[str, Any]:
+    """Every random stream a training step reads: the augmentation generator, torch's global CPU/CUDA
+    generators (dropout, hooks), numpy's and Python's."""
+    np_state = np.random.get_state()
+    return {"augment": aug_gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+            "numpy": {"keys": np_state[1], "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": list(_flatten_py_state(random.getstate()))}
+
+
+def _flatten_py_state(st: tuple) -> list:
+    return [st[0], list(st[1]), st[2]]
+
+
+def _set_rng_states(r: dict[str, Any], aug_gen: torch.Generator) -> None:
+    aug_gen.set_state(r["augment"])
+    torch.set_rng_state(r["torch"])
+    if r["cuda"]:
+        torch.cuda.set_rng_state_all(list(r["cuda"]))
+    n = r["numpy"]
+    np.random.set_state(("MT19937", n["keys"], n["pos"], n["has_gauss"], n["gauss"]))
+    v, internal, gauss = r["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def _save_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, aug_gen: torch.Generator,
+                     extra: list[torch.Tensor], next_epoch: int) -> None:
+    """Atomic resume checkpoint through :mod:`bdseal.io` (safetensors + JSON, no pickle): model, optimiser,
+    extra trainable tensors, epoch/step/history and every RNG state, so a resumed run equals an
+    uninterrupted one."""
+    save_tree(path, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                     "extra": [p.detach() for p in extra], "epoch": next_epoch, "step": state.step,
+                     "history": state.history, "generator": gen.get_state(), "rng": _rng_states(aug_gen)},
+              {"kind": "train_checkpoint"})
+
+
+def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, aug_gen: torch.Generator,
+                     extra: list[torch.Tensor]) -> int:
+    ck, meta = load_tree(path)
+    if meta.get("kind") != "train_checkpoint" or not isinstance(ck, dict):
+        raise CorruptFileError(f"{path} is not a bdseal training checkpoint; delete it or pass another checkpoint path")
     state.model.load_state_dict(ck["model"])
     state.optimizer.load_state_dict(ck["optimizer"])
+    with torch.no_grad():
+        for p, v in zip(extra, ck["extra"]):
+            p.copy_(v)
     state.step, state.history = ck["step"], ck["history"]
     gen.set_state(ck["generator"])
+    _set_rng_states(ck["rng"], aug_gen)
     return int(ck["epoch"])
 
 

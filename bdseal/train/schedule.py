@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from bdseal.errors import ConfigError
+
 
 def lr_multiplier(
     kind: str, total_steps: int, steps_per_epoch: int, milestones: Sequence[int] = (), gamma: float = 0.1,
@@ -13,7 +15,7 @@ def lr_multiplier(
     """``cosine`` (to ``min_lr_ratio``), ``step`` (×gamma at epoch milestones), ``constant``; optional
     linear warm-up over ``warmup_steps``."""
     if kind not in ("cosine", "step", "constant"):
-        raise ValueError(f"unknown lr schedule {kind!r}; choose cosine, step or constant")
+        raise ConfigError(f"unknown lr schedule {kind!r}; choose cosine, step or constant")
 
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:

@@ -267,3 +267,32 @@ def test_download_verifies_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     s = load_dataset("cifar10", root=dest, download=True)
     assert len(s.train) == 10 and s.train.classes == ["a", "b"]
     assert len(load_dataset("cifar10", root=dest).test) == 2  # found again without downloading
+
+
+def test_cifar_batches_admit_only_their_own_types(tmp_path: Path) -> None:
+    """A pickle that calls ``os.system`` in place of a CIFAR batch is refused by the restricted unpickler."""
+    from tests.test_io import _Evil
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i in range(1, 6):
+        _pickle(d / f"data_batch_{i}", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})
+    _pickle(d / "batches.meta", {b"label_names": [b"a", b"b"]})
+    marker = tmp_path / "pwned"
+    _pickle(d / "test_batch", {b"data": _Evil(marker), b"labels": [0]})
+    with pytest.raises(DataError, match="posix.system is not allowed|os.system is not allowed|nt.system is not allowed"):
+        load_dataset("cifar10", root=d)
+    assert not marker.exists()
+
+
+def test_damaged_npz_errors_name_the_file_and_never_suggest_pickle(tmp_path: Path) -> None:
+    good = tmp_path / "good.npz"
+    np.savez(good, x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.zeros(4, np.int64),
+             x_test=np.zeros((1, 3, 8, 8), np.uint8), y_test=np.zeros(1, np.int64))
+    data = good.read_bytes()
+    for name, content in (("truncated.npz", data[: len(data) // 2]), ("random.npz", np.random.RandomState(0).bytes(500))):
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            load_dataset("cifar10", root=p)
+        assert str(p) in str(e.value) and "allow_pickle" not in str(e.value)

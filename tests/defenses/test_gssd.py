@@ -209,3 +209,11 @@ def test_retrain_modes_train_on_the_right_sets(mode, monkeypatch):
     else:
         assert (calls[1][0], calls[1][1]) == ([4, 5], [3, 5])
         assert calls[1][2].epochs == 2 and calls[1][2].lr == 1e-4 and info["finetuned_on"] == 2
+
+
+def test_diverging_flows_raise_instead_of_returning_nan_scores():
+    from bdseal.errors import TrainingDivergedError
+
+    x = torch.randn(64, 4)
+    with pytest.raises(TrainingDivergedError, match=r"flow\(s\) \[0\].*lr=1e\+12"):
+        fit_class_flows(x * 1e6, torch.zeros(64, dtype=torch.long), [0], FlowConfig(hidden=8, epochs=3, batch_size=16, lr=1e12), seed=0)

@@ -7,6 +7,7 @@ import torch
 
 from bdseal.experiment.config import compose_config
 from bdseal.experiment.run import run_experiment
+from bdseal.io import load_tree
 from tests.helpers import assert_oracle_blind
 
 FAST = ["defense=gssd", "dataset.train_per_class=30", "train.epochs=2", "baseline=false",
@@ -23,7 +24,7 @@ def test_gssd_fast_path_outputs(tmp_path):
     assert len(ex["s_nd"]) == 10 and ex["nd_rule"] == "loo" and len(ex["s_nd_loo_z"]) == 10
     assert sum(ex["split"][k] for k in ("clean", "poisoned", "uncertain")) == m["n_train"]
     assert "auroc" in m["detection"] and "relabel_acc" in m
-    saved = torch.load(out / "gssd_scores.pt")
+    saved, _ = load_tree(out / "gssd_scores.safetensors")
     assert saved["pi"].shape == (m["n_train"],) and torch.isfinite(saved["pi"]).all()
     assert (out / "gssd_vy_hist.png").exists()
     if ex["no_class_flagged"]:

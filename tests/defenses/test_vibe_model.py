@@ -122,3 +122,16 @@ def test_resolve_variants() -> None:
         resolve({"kapa": 3})
     with pytest.raises(ValueError, match="frozen"):
         resolve({"backbone": "fm", "freeze": False})
+
+
+def test_e_step_on_non_finite_features_raises_instead_of_nan_labels():
+    from bdseal.defenses.vibe.em import e_step
+    from bdseal.defenses.vibe.model import Prior, VIBEHead
+    from bdseal.errors import TrainingDivergedError
+
+    v = torch.nn.functional.normalize(torch.randn(12, 4), dim=1)
+    y = torch.arange(12) % 3
+    head, prior = VIBEHead(torch.nn.functional.normalize(torch.randn(3, 4), dim=1)), Prior(3)
+    v[5] = float("nan")  # a diverged encoder
+    with pytest.raises(TrainingDivergedError, match="Sinkhorn"):
+        e_step(head, prior, v, y)

@@ -10,6 +10,7 @@ import torch
 
 from bdseal.experiment.config import compose_config
 from bdseal.experiment.run import run_experiment
+from bdseal.io import load_model_state
 from tests.helpers import assert_oracle_blind
 
 TINY = ["dataset=digits", "dataset.train_per_class=20", "dataset.test_per_class=10", "baseline=false",
@@ -35,7 +36,7 @@ def test_vibe_frozen_foundation_path(tmp_path: Path) -> None:
     assert [e["step"] for e in ex["e_steps"]] == [0, 5, 10, 12]
     assert all(0 <= e["agree_observed"] <= 1 for e in ex["e_steps"])
     assert "relabel_acc" in m and "detection" in m
-    state = torch.load(tmp_path / "r" / "model.pt")
+    state, _ = load_model_state(tmp_path / "r")
     assert state["head.mu_y"].shape == (10, 16)
 
 

@@ -57,7 +57,7 @@ def test_bench_and_report_end_to_end(tmp_path, monkeypatch):
         assert (tmp_path / "b" / "runs" / r.config_hash / "metrics.json").exists()
         assert r.run_dir.endswith(r.config_hash) and "clean_acc" in r.metrics
     # one artefact cache for the whole matrix: the poisoned sets of both seeds live in <out>/cache
-    assert len(list((tmp_path / "b" / "cache" / "poisoned").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "b" / "cache" / "poisoned").glob("*.safetensors"))) == 2
 
     rep = make_report(tmp_path / "b")
     md = rep["markdown"].read_text()

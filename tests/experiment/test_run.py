@@ -3,6 +3,7 @@ import json
 import pytest
 
 from bdseal.cli import main
+from bdseal.errors import ConfigError
 from bdseal.experiment.config import compose_config
 from bdseal.experiment.run import RunDirError, run_experiment
 from tests.helpers import assert_oracle_blind
@@ -20,7 +21,7 @@ def test_bdseal_run_end_to_end_learns_backdoor(tmp_path, capsys):
     assert m["dataset"] == "digits" and m["defense"] == "none" and 0.09 < m["poison_rate"] < 0.11
     assert m["clean_acc"] > 0.85 and m["asr"] > 0.9
     assert m["device"].startswith("cpu (") and "torch " in m["device"]  # what ran the cell is recorded
-    assert (out / "config.yaml").exists() and (out / "model.pt").exists()
+    assert (out / "config.yaml").exists() and (out / "model.safetensors").exists() and (out / "model.json").exists()
     assert "results in" in capsys.readouterr().out
 
 
@@ -63,7 +64,7 @@ def test_backdoored_ckpt_is_loaded_as_the_baseline(tmp_path):
     again = run_experiment(compose_config([*FAST, f"out={tmp_path / 'b'}", "progress=false", "baseline=true",
                                            f"backdoored_ckpt={tmp_path / 'a'}"]))
     assert again["baseline"]["clean_acc"] == first["clean_acc"] and again["baseline"]["asr"] == first["asr"]
-    with pytest.raises(FileNotFoundError, match="backdoored_ckpt"):
+    with pytest.raises(ConfigError, match="backdoored_ckpt"):
         run_experiment(compose_config([*FAST, f"out={tmp_path / 'c'}", f"backdoored_ckpt={tmp_path / 'missing'}"]))
 
 

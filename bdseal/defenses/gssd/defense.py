@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from bdseal.cache import fingerprint
+from bdseal.io import save_tree
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.defenses.gssd import scores as S
 from bdseal.defenses.gssd.flows import FlowConfig, fit_class_flows
@@ -238,14 +239,15 @@ def _extras(a: dict[str, Any], classes: list[int], skipped: list[int], split: Sp
 
 def _save_outputs(ctx: RunContext, c: dict[str, Any], a: dict[str, Any], labels: torch.Tensor, classes: list[int],
                   feats: torch.Tensor) -> None:
-    """Scores for the experiment layer (``gssd_scores.pt``) and the defender-side plots (Fig. 2, Fig. 3
+    """Scores for the experiment layer (``gssd_scores.safetensors``) and the defender-side plots (Fig. 2, Fig. 3
     without ground-truth colouring, optional Fig. 1 UMAP without poison marking)."""
     from bdseal.defenses.gssd import plots
 
     run_dir = ctx.run_dir
     if c["save_scores"]:
-        torch.save({"pi": a["pi"], "s": a["s"], "labels": labels, "classes": classes, "nd": a["nd"], "d": a["d"],
-                    "relabel_to": a["relabel_to"], "foreign_logp": a["foreign"]}, run_dir / "gssd_scores.pt")
+        save_tree(run_dir / "gssd_scores.safetensors", {"pi": a["pi"], "s": a["s"], "labels": labels, "classes": classes, "nd": a["nd"],
+                                                        "d": a["d"], "relabel_to": a["relabel_to"], "foreign_logp": a["foreign"]},
+                  {"kind": "gssd_scores"})
     if not c["plots"]:
         return
     v = a["foreign"].exp()

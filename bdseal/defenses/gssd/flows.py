@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bdseal.errors import TrainingDivergedError
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -175,6 +177,7 @@ def train_flows(flow: BatchedCouplingFlow, groups: Sequence[torch.Tensor], seeds
     last_epoch_nll = torch.zeros(k, device=device)
     per_epoch = torch.tensor([-(-len(g) // cfg.batch_size) for g in groups], device=device)
     flow.train()
+    diverged = torch.zeros(k, dtype=torch.bool, device=device)  # a flow's NLL was ever NaN/inf (no host sync)
     for t in tqdm(range(total), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         it = idx[:, t]  # (K, B)
         mask = it >= 0
@@ -188,6 +191,7 @@ def train_flows(flow: BatchedCouplingFlow, groups: Sequence[torch.Tensor], seeds
         per_flow.sum().backward()
         opt.step()
         active = t < steps_dev
+        diverged |= active & ~torch.isfinite(per_flow.detach())
         last_epoch_nll += torch.where(active & (t >= steps_dev - per_epoch), per_flow.detach() / per_epoch, 0.0)
         done_now = [j for j in range(k) if int(n_steps[j]) == t + 1]
         for j in done_now:  # flow j has finished its own budget: keep these weights from now on
@@ -198,6 +202,10 @@ def train_flows(flow: BatchedCouplingFlow, groups: Sequence[torch.Tensor], seeds
                     for (name, p), v in zip(flow.named_parameters(), saved):
                         p[_axis(name)(j)] = v
     flow.eval()
+    if bool(diverged.any()):
+        bad = diverged.nonzero().flatten().tolist()
+        raise TrainingDivergedError(f"GSSD flow(s) {bad} (positions in the class list) produced a non-finite likelihood "
+                                    f"(flow lr={cfg.lr:g}); lower defense.flow.lr or check the backbone features for NaN")
     return last_epoch_nll.tolist()
 
 

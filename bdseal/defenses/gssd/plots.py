@@ -2,7 +2,7 @@
 (poisoning-score distribution within a target class) and Fig. 1 (2-D UMAP of the feature space).
 
 The defense itself draws them without ground truth (``poison_mask=None``). The experiment layer, which
-holds the ground truth, redraws Fig. 3 / Fig. 1 with its poison mask from the ``gssd_scores.pt`` the
+holds the ground truth, redraws Fig. 3 / Fig. 1 with its poison mask from the ``gssd_scores.safetensors`` the
 defense saves in the run directory (see docs/gssd.md).
 """
 
