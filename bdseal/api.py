@@ -27,18 +27,18 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from bdseal.attacks import AttackContext, PoisonedSet, build_and_poison
-from bdseal.cache import ArtifactCache
+from bdseal.cache import ArtifactCache, dataset_fingerprint, fingerprint
 from bdseal.data import DataError, ImageDataset, make_dataset, split_holdout
 from bdseal.defenses import DefenderView, DefenseResult, RunContext, get_defense
 from bdseal.experiment.export import DefenderData, PoisonedData, load_poisoned, save_poisoned
 from bdseal.experiment.run import _clean_subset, clean_set, detection, resolve_device
 from bdseal.experiment.run import evaluate as _evaluate
+from bdseal.experiment.validate import _group_yaml, check_defense_keys, defense_defaults
 from bdseal.metrics import relabel_accuracy
 from bdseal.models.wrap import ModelInterfaceError, WrappedClassifier, as_classifier, unwrap
 from bdseal.train import TrainConfig, fit
 
 log = logging.getLogger("bdseal")
-_CONF = Path(__file__).parent / "conf"
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -98,15 +98,6 @@ def poison(
                         clean_pool=pool, info=info)
 
 
-def _yaml_defaults(group: str, name: str) -> dict[str, Any]:
-    path = _CONF / group / f"{name}.yaml"
-    if not path.exists():
-        return {}
-    d = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(d, dict)
-    return {str(k): v for k, v in d.items()}
-
-
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -116,7 +107,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def default_recipe(**overrides: Any) -> TrainConfig:
     """``bdseal run``'s training recipe (``conf/train/default.yaml``) with ``overrides`` (``epochs=5``...)."""
-    return TrainConfig.from_dict(_merge(_yaml_defaults("train", "default"), overrides))
+    return TrainConfig.from_dict(_merge(_group_yaml("train", "default") or {}, overrides))
 
 
 def _train_split(data: PoisonedData | DefenderData | ImageDataset | tuple[ArrayLike, ArrayLike]) -> ImageDataset:
@@ -194,7 +185,8 @@ def defend(
     seen = data.defender_data(target_known) if isinstance(data, PoisonedData) else data
     if not isinstance(seen, DefenderData):
         raise TypeError(f"defend: data must be PoisonedData or DefenderData, got {type(data).__name__}")
-    cfg = _merge(_yaml_defaults("defense", defense) or {"name": defense}, overrides)
+    cfg = _merge(defense_defaults(defense) or {"name": defense}, overrides)
+    check_defense_keys(OmegaConf.create({"defense": cfg}))  # a misspelt option is an error, not ignored
     dev = resolve_device(device)
 
     def fresh(num_classes: int | None = None) -> nn.Module:
@@ -217,7 +209,8 @@ def defend(
             raise DataError(f"{defense}: {e}".replace("defender.holdout", "poison(holdout=)")) from e
     ctx = RunContext(device=dev, seed=seed, build_model=fresh, train_cfg=default_recipe(progress=progress, **dict(recipe or {})),
                      cache=ArtifactCache(cache_dir, enabled=cache_dir is not None), run_dir=None, progress=progress,
-                     log=log.info, cache_parts={})
+                     log=log.info,
+                     cache_key=fingerprint({"train": dataset_fingerprint(seen.train), "seed": seed}))
     view = DefenderView(train=seen.train, clean=clean, backdoored_model=first.to(dev).eval() if spec.post_hoc else None,
                         known_target=seen.known_target)
     result = spec.fn(view, cfg, ctx)

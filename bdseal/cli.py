@@ -36,10 +36,9 @@ def hydra_main(task: Callable, argv: list[str], config_name: str = "config") -> 
     from omegaconf import DictConfig
 
     from bdseal.errors import BdsealError
-
-    caught: list[BaseException] = []
     from bdseal.registry import preload_plugins
 
+    caught: list[BaseException] = []
     preload_plugins(argv)  # plugins=[...]: their attacks/defenses/... become selectable config choices
 
     @hydra.main(config_path="conf", config_name=config_name, version_base="1.3")

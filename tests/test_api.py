@@ -118,3 +118,10 @@ def test_evaluate_counts_ra_on_the_triggered_images(digits_arrays) -> None:
     m = bdseal.evaluate(Oracle_(), ps, device="cpu")
     expected_ra = float((ps.test_triggered_true == 5).float().mean())
     assert m["ra"] == pytest.approx(expected_ra) and m["asr"] == 0.0
+
+
+def test_defend_rejects_a_misspelt_option_before_any_work(digits_arrays) -> None:
+    x, y = digits_arrays
+    ps = bdseal.poison(x, y, rate=0.1, seed=0)
+    with pytest.raises(Exception, match="lamda"):
+        bdseal.defend(ps, "pgbd", _Net(), lamda=1.0)

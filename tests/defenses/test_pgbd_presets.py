@@ -112,7 +112,7 @@ def _protos_after(cfg: dict, tmp_path, epochs: int) -> tuple[torch.Tensor, torch
     ctx = _ctx(tmp_path, epochs)
     san = Sanitiser("pgbd", model, clean, cfg, ctx, None, 0)
     before = san.state.protos.clone()
-    fit(model, clean.x, clean.y, ctx.train_cfg.replace(lr=0.05, amp=False), loss_fn=san.loss_fn,
+    fit(model, clean.x, clean.y, ctx.train_cfg.replace(lr=0.01, amp=False), loss_fn=san.loss_fn,
         hooks=_Hooks(san, None), seed=0)
     return before, san.state.protos
 

@@ -34,7 +34,10 @@ Space = Literal["flatten", "pool"]
 def block_output_name(model: nn.Module) -> str:
     """Dotted path of the last residual block of the last stage (``stages.layer4.1`` for the ResNets), whose
     output is the tensor PGBD's authors use (REFERENCE). A stage whose direct children include bare convs (no
-    blocks, e.g. the small nets) is its own block: its name is returned."""
+    blocks, e.g. the small nets) is its own block: its name is returned. A wrapped user model
+    (:class:`bdseal.models.wrap.WrappedClassifier`) names its own."""
+    if hasattr(model, "block_output_name"):
+        return model.block_output_name()
     last = model.layer_names[-1]
     stage = model.stages[last]
     children = list(stage.named_children())
