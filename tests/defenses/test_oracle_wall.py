@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from bdseal.defenses import get_defense, list_defenses
+from bdseal.defenses import list_defenses
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
 from tests.helpers import scrambled
