@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device window of `bdseal reproduce`: restore CIFAR-10 from the JPEG-q90 copy carried with the call
-# (scripts/cifar_jpeg.py), install this checkout without touching the network, run the next cells of a
+# (scripts/cifar_jpeg.py), run the next cells of a
 # paper's table for BUDGET seconds, and copy the store (results.sqlite, small) to $OUT when set.
 #
 #   bash scripts/gpu_window.sh PAPER [BUDGET_S] [bdseal reproduce keys/overrides...]
@@ -17,8 +17,7 @@ root=${DATA_ROOT:-/tmp/cifar10.npz}
 if [ -z "${DATA_ROOT:-}" ] && [ ! -f "$root" ]; then
   python scripts/cifar_jpeg.py unpack "${GPU_DATA:-.gpudata/cifar10_q90.npz}" "$root"
 fi
-python -c "import bdseal" 2>/dev/null || python -m pip install -q --no-deps --no-build-isolation -e .
-bdseal reproduce "$paper" budget_s="$budget" dataset.root="$root" "$@"
+python -m bdseal.cli reproduce "$paper" budget_s="$budget" dataset.root="$root" "$@"  # runs from the checkout, no install
 if [ -n "${OUT:-}" ]; then
   if [ -d bench/gpu ]; then find bench/gpu -name results.sqlite -exec cp --parents {} "$OUT"/ \; ; fi
 fi
