@@ -185,7 +185,11 @@ def cmd_reproduce(argv: list[str]) -> int:
     from bdseal.experiment import reproduce as rp
 
     _setup_logging()
-    table, budget, rest = rp.parse_args(argv)
+    try:
+        table, budget, rest = rp.parse_args(argv)
+    except ValueError as e:
+        print(f"bdseal: {e}", file=sys.stderr)
+        return 2
     res = rp.reproduce(table, budget, rest)
     print(f"reproduce {table}: finished {len(res.ran)} cells in this window; store {res.store}")
     if res.interrupted:

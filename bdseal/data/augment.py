@@ -154,7 +154,7 @@ def _hsv_to_rgb(x: Tensor) -> Tensor:
     """HSV -> RGB in closed form: channel ``n`` (R=5, G=3, B=1) is ``v - v s clamp(min(k, 4 - k), 0, 1)``
     with ``k = (n + 6h) mod 6`` (the same piecewise map as torchvision's, without the 18-plane stack)."""
     h, s, v = x.unbind(1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 (no host copy)
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
@@ -237,11 +237,13 @@ def color_jitter(
     ]
     order = _rand((b, 4), generator, dev).argsort(dim=1)  # per-sample permutation of the 4 ops
     apply = _rand((b,), generator, dev) < p
-    use = torch.tensor([s > 0 for s in (brightness, contrast, saturation, hue)], device=dev)
+    unused = [j for j, s in enumerate((brightness, contrast, saturation, hue)) if s <= 0]
     fac = torch.stack(factors[:3], dim=1)  # (B, 3) blend factors
     for k in range(4):
         op = order[:, k]
-        on = apply & use[op]
+        on = apply
+        for j in unused:
+            on = on & (op != j)
         blend = on & (op < 3)
         f = fac.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1)
         _apply_masked_(x, blend, _enhance, op.clamp(max=2), f)
@@ -530,8 +532,8 @@ RANDAUGMENT_RANGES: dict[str, dict[str, tuple[float, float] | None]] = {
 
 def _resolve_ranges(
     ranges: str | dict[str, Any], ops: tuple[str, ...] | list[str] | None
-) -> tuple[list[str], Tensor]:
-    """Op names and a (n_ops, 2) tensor of [lo, hi] parameter ranges (0, 0 for param-free ops)."""
+) -> tuple[list[str], list[tuple[float, float]]]:
+    """Op names and their [lo, hi] parameter ranges ((0, 0) for param-free ops)."""
     if isinstance(ranges, str):
         if ranges not in RANDAUGMENT_RANGES:
             raise DataError(f"unknown RandAugment ranges {ranges!r}; known presets: {sorted(RANDAUGMENT_RANGES)}")
@@ -553,7 +555,7 @@ def _resolve_ranges(
         if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
             raise DataError(f"RandAugment ranges: op {n!r} needs finite lo <= hi, got {r!r}")
         rows.append((lo, hi))
-    return names, torch.tensor(rows, dtype=torch.float32)
+    return names, rows
 
 
 _ENHANCE_KIND = {"brightness": 0, "contrast": 1, "color": 2, "sharpness": 3}
@@ -607,7 +609,6 @@ def rand_augment(
     b, dev = x.shape[0], x.device
     if ranges is not None:
         names, bounds = _resolve_ranges(ranges, ops)
-        bounds = bounds.to(dev)
     else:
         names = list(ops) if ops is not None else list(RANDAUGMENT_OPS)
         bounds = None
@@ -617,17 +618,19 @@ def rand_augment(
     m_max = float(magnitude) / (num_magnitude_bins - 1)
     if bounds is None and not 0 <= m_max <= 1:
         raise DataError(f"magnitude must be in [0, {num_magnitude_bins - 1}], got {magnitude}")
-    coef = torch.tensor([_MAGNITUDE_SCALE.get(n, (0.0, 0.0, 0.0)) for n in names], device=dev)  # (n_ops, 3)
     for _ in range(num_ops):
         choice = _randint(len(names), (b,), generator, dev)
+        v = torch.zeros(b, device=dev)  # each sample's parameter for its op; Python constants, no host copies
         if bounds is not None:
-            lo, hi = bounds[choice].unbind(1)
-            v = lo + (hi - lo) * _rand((b,), generator, dev)
+            u = _rand((b,), generator, dev)
+            for j, (lo, hi) in enumerate(bounds):
+                v = torch.where(choice == j, lo + (hi - lo) * u, v)
         else:
             mag = _rand((b,), generator, dev) * m_max if random_magnitude else torch.full((b,), m_max, device=dev)
             sign = torch.where(_rand((b,), generator, dev) < 0.5, -1.0, 1.0)
-            c0, c1, c2 = coef[choice].unbind(1)
-            v = c0 + c1 * mag + c2 * mag * sign
+            for j, n in enumerate(names):
+                c0, c1, c2 = _MAGNITUDE_SCALE.get(n, (0.0, 0.0, 0.0))
+                v = torch.where(choice == j, c0 + c1 * mag + c2 * mag * sign, v)
         _rand_augment_stage_(x, names, choice, v)
     return x.clamp_(0, 1)
 

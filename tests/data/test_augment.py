@@ -169,12 +169,14 @@ def test_sync_free_mode_gives_the_same_images(monkeypatch: pytest.MonkeyPatch, w
 
 
 def test_sync_free_mode_makes_no_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sync-free mode never calls bool()/.item() on a tensor (the per-op read-backs it removes)."""
+    """Sync-free mode never calls bool()/.item() on a tensor (the per-op read-backs it removes) nor builds
+    tensors from Python lists (a host-to-device copy, which also waits for the device)."""
     monkeypatch.setattr(A, "SYNC_FREE", True)
     calls = []
-    orig_bool, orig_item = torch.Tensor.__bool__, torch.Tensor.item
+    orig_bool, orig_item, orig_tensor = torch.Tensor.__bool__, torch.Tensor.item, torch.tensor
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: calls.append("bool") or orig_bool(t))
     monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or orig_item(t))
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append("tensor") or orig_tensor(*a, **k))
     x = _batch(8)
     simclr_augment(x, generator=_gen(0))
     rand_augment(x, generator=_gen(0))
@@ -199,8 +201,8 @@ def test_ranged_parameters_follow_the_ranges() -> None:
     # the PGRL preset covers Table 10's twelve ops and drops equalize/posterize
     names, bounds = A._resolve_ranges("pgrl", None)
     assert len(names) == 12 and "equalize" not in names and "posterize" not in names
-    assert bounds[names.index("rotate")].tolist() == [-30.0, 30.0]
-    assert bounds[names.index("translate_x")].tolist() == pytest.approx([-0.3, 0.3])
+    assert bounds[names.index("rotate")] == (-30.0, 30.0)
+    assert bounds[names.index("translate_x")] == pytest.approx((-0.3, 0.3))
     with pytest.raises(DataError, match="needs a"):
         rand_augment(x, ranges={"rotate": None})
     with pytest.raises(DataError, match="lo <= hi"):

@@ -148,6 +148,7 @@ def _reverse_chunk(model: nn.Module, x: torch.Tensor, chunk: torch.Tensor, cfg: 
     ref_norm = torch.full((kc,), float("inf"), device=device)
     stale = torch.zeros(kc, device=device)
     sr = torch.zeros(kc, device=device)
+    step = -1
     for step in tqdm(range(cfg.steps), desc="neural cleanse", disable=not progress, leave=False):
         xb = x[all_idx[step]]  # (B, C, H, W)
         m = torch.sigmoid(m_raw)
