@@ -46,9 +46,9 @@ DIGITS_RULE = ["defense.nd_rule=loo", "defense.loo_z=2.0", "defense.detect_disru
 def test_gssd_defends_badnets_on_digits(tmp_path):
     """Digits, BadNets 10% to class 0, default recipe: the target is found, the backdoor is gone and the
     clean accuracy stays within 5 points of the undefended model trained in the same run.
-    Measured (session 2, robust-z rule): target 0 found (robust z 3.28, next 1.06), clean 0.978 vs 0.983,
+    Measured on the 2-core CPU with the earlier robust-z rule: target 0 found (robust z 3.28, next 1.06), clean 0.978 vs 0.983,
     ASR 0.000, 40 relabelled samples all to their true class; the loo rule flags the same class (loo z 4.24,
-    next 0.56), so the same split — passed again with 2 threads in session 4."""
+    next 0.56), so the same split — passes with 2 threads."""
     m = run_experiment(compose_config(["defense=gssd", *DIGITS_RULE, f"out={tmp_path / 'r'}", "progress=false"]))
     assert m["target"] in m["extras"]["detected_targets"]
     assert m["asr"] < 0.05
@@ -59,8 +59,8 @@ def test_gssd_defends_badnets_on_digits(tmp_path):
 @pytest.mark.slow
 def test_gssd_flags_nothing_on_clean_digits(tmp_path):
     """The same rule on the clean digits set (attack=none, the null run) flags no class and keeps the clean
-    accuracy. History: the session-2 robust-z rule flagged clean classes 5 and 9 in the 2-thread run (clean
-    0.939 vs 0.989) and this test was xfail; with the leave-one-out rule (session 4) clean digits classes stay
+    accuracy. The robust-z rule flagged clean classes 5 and 9 in the 2-thread run (clean
+    0.939 vs 0.989); with the leave-one-out rule clean digits classes stay
     <= 0.90 over three seeds (scripts/gssd_null.py) and this test passed with 2 threads (1703 s for both slow
     tests of this file on a loaded 2-core machine)."""
     m = run_experiment(compose_config(["defense=gssd", "attack=none", *DIGITS_RULE, f"out={tmp_path / 'r'}",

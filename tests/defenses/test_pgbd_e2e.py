@@ -83,7 +83,7 @@ def test_pgbd_variants_run_and_keep_clean_accuracy(setup):
 
 @SLOW
 def test_ft_and_nad_run_and_keep_clean_accuracy(setup):
-    # lr 1e-3: with D_S = 70 digits images, FT's CIFAR default 0.01 makes the loss jump within 25 steps (session 5:
+    # lr 1e-3: with D_S = 70 digits images, FT's CIFAR default 0.01 makes the loss jump within 25 steps (measured:
     # clean 0.978 -> 0.755 with 0.01, 0.986 with 1e-3)
     small = {"epochs": 5, "batch_size": 16, "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": False,
              "weight_decay": 5e-4, "schedule": "constant", "warmup_epochs": 0, "augment": "crop_flip"}

@@ -80,9 +80,9 @@ E2E = ["dataset=digits", "attack=badnets", "defense=vibe_ss_a", "baseline=true",
 
 @pytest.mark.slow
 def test_vibe_defeats_badnets_on_digits(tmp_path: Path) -> None:
-    """Issue 4's done-when: VIBE ASR < 0.05 where no defense reaches > 0.9, clean accuracy within 5
+    """VIBE ASR < 0.05 where no defense reaches > 0.9, clean accuracy within 5
     points (the default digits cell; VIBE-SS-A, SimCLR small_half 20 epochs, 900 EM iterations with an
-    E-step every 150). Measured (session 2): baseline 0.983 / 1.000, VIBE-SS-A 0.958 / 0.003, detection
+    E-step every 150). Measured on the 2-core CPU: baseline 0.983 / 1.000, VIBE-SS-A 0.958 / 0.003, detection
     TPR 0.978 FPR 0.007, relabel acc 0.91 (2,000 s on a 4x-oversubscribed 2-core machine)."""
     m = run_experiment(compose_config([*E2E, f"out={tmp_path / 'r'}", "progress=false"]))
     assert m["baseline"]["asr"] > 0.9

@@ -75,7 +75,7 @@ def robust_z(values: torch.Tensor, min_mad: float = 1e-3) -> torch.Tensor:
 def loo_z(values: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
     """Leave-one-out z of each class: ``(v_k − mean(v_{−k})) / std(v_{−k})`` (unbiased std, floored at
     ``min_std``). Unlike :func:`robust_z` it does not explode when the other classes happen to lie close
-    together (a small MAD): on our validation runs (docs/gssd.md, session 4) clean classes stayed ≤ 1.2 where
+    together (a small MAD): on our validation runs (docs/gssd.md) clean classes stayed ≤ 1.2 where
     the robust z reached 3.9."""
     k = len(values)
     if k < 3:

@@ -19,7 +19,7 @@ with α = 0.75 weighting the new one (REFERENCE).
 
 D_S is **not augmented** by default (``train.augment: none``): read in the authors' code, their D_S loader
 (``datasets/data_loader.py``, ``get_train_loader``) has RandomCrop/RandomHorizontalFlip commented out. Neither
-the seed nor REFERENCE.md says; on digits this halved the clean-accuracy loss (docs/pgbd.md, session 4).
+the seed nor REFERENCE.md says; on digits this halved the clean-accuracy loss (docs/pgbd.md).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def gradient_pull(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str
                   device: torch.device | str = "cpu") -> dict[str, list[float]]:
     """Per batch of ``batch_size`` (last partial batch dropped): the parameter-gradient norms of CE and of λ·L_s
     (Eq. 4's two terms) at the model's current weights, without a step — how hard the sanitisation term pulls
-    compared with the task loss (docs/pgbd.md, session 6). ``x`` uint8 or float [0, 1] images."""
+    compared with the task loss (docs/pgbd.md). ``x`` uint8 or float [0, 1] images."""
     params = [p for p in model.parameters() if p.requires_grad]
     out: dict[str, list[float]] = {"ce": [], "lam_ls": []}
     for i in range(0, len(y) - batch_size + 1, batch_size):
