@@ -180,5 +180,8 @@ class ArtifactCache:
         value = self.load(kind, parts)
         if value is _MISS:
             value = compute()
-            self.store(kind, parts, value)
+            try:
+                self.store(kind, parts, value)
+            except TypeError as e:  # a value bdseal.io cannot represent: used, not cached (never pickled)
+                log.warning("cache: %s entry not stored (%s)", kind, e)
         return value

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("bdseal: interrupted (Ctrl-C); nothing of the unfinished run was kept", file=sys.stderr)
+        print("bdseal: interrupted (Ctrl-C); the unfinished run wrote no results", file=sys.stderr)
         return 130
     except BdsealError as e:
         if debug:
@@ -214,7 +214,7 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     cmd = argv.pop(0) if argv and not ("=" in argv[0] or argv[0].startswith("-")) else "run"
     if cmd not in SUBCOMMANDS:
-        print(f"bdseal: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        print(f"bdseal: error: unknown command {cmd!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     help_, fn = SUBCOMMANDS[cmd]
     if cmd not in HELP_HANDLED_BY_COMMAND and any(a in ("-h", "--help") for a in argv):

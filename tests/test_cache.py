@@ -175,3 +175,13 @@ def test_concurrent_writers_leave_one_valid_entry(tmp_path):
     assert len(entries) == 1 and entries[0].suffix == ".safetensors"  # no temp files left
     value, _ = io.load_tree(entries[0])
     assert torch.equal(value["w"], torch.arange(200_000, dtype=torch.float32))
+
+
+def test_value_bdseal_io_cannot_store_is_used_but_not_cached(tmp_path, caplog):
+    from pathlib import Path
+
+    cache = ArtifactCache(tmp_path)
+    with caplog.at_level("WARNING", logger="bdseal"):
+        value = cache.get_or_compute("k", {"a": 1}, lambda: {"where": Path("x")})
+    assert value == {"where": Path("x")} and "not stored" in caplog.text
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.tmp"))

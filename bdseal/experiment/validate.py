@@ -66,19 +66,43 @@ def _group_yaml(group: str, option: str) -> dict[str, Any] | None:
     return _plain(OmegaConf.merge(merged, node))
 
 
-def _unknown_keys(given: Mapping[str, Any], default: Mapping[str, Any], prefix: str) -> None:
-    """Raise on a key of ``given`` that ``default`` lacks; nested dicts are checked against their defaults
-    (a training-recipe dict accepts every :class:`TrainConfig` option; an empty default is open)."""
+def _unknown_keys(given: Mapping[str, Any], default: Mapping[str, Any], prefix: str, closed: bool = True) -> None:
+    """Raise on a key of ``given`` that ``default`` lacks (when ``closed``) and on a value whose type does
+    not match a numeric / boolean default; nested dicts are checked against their defaults (a training
+    recipe accepts every :class:`TrainConfig` option, a backbone its kind's options; other nested dicts
+    are checked for types only: their own module checks their keys). An empty default is open."""
     if not default:
         return
     allowed = set(default)
     if set(default) <= _TRAIN_KEYS:
         allowed |= _TRAIN_KEYS
     for k, v in given.items():
-        if k not in allowed:
+        if closed and k not in allowed:
             raise ConfigError(f"unknown key {prefix}{k}; valid keys under {prefix.rstrip('.')}: {', '.join(sorted(allowed))}")
-        if isinstance(v, Mapping) and isinstance(default.get(k), Mapping):
-            _unknown_keys(v, default[k], f"{prefix}{k}.")
+        d = default.get(k)
+        if isinstance(v, Mapping) and isinstance(d, Mapping):
+            nested = _nested_defaults(v, d)
+            _unknown_keys(v, d if nested is None else nested, f"{prefix}{k}.", closed=nested is not None)
+        elif v is None:
+            continue  # null switches an option off (e.g. clean_per_class=null with clean_fraction)
+        elif isinstance(d, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{prefix}{k}={v!r} must be true or false")
+        elif isinstance(d, (int, float)) and not isinstance(d, bool) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{prefix}{k}={v!r} must be a number (default {d!r}); set {prefix}{k}=<number>")
+
+
+def _nested_defaults(given: Mapping[str, Any], default: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """What a nested option dict accepts, where that is known: a training recipe (``TrainConfig``) or a
+    backbone (``kind`` + ``bdseal.ssl.features.DEFAULTS`` of that kind); None = checked by its own module."""
+    if default and set(default) <= _TRAIN_KEYS:
+        return default
+    if "kind" in default:
+        from bdseal.ssl.features import DEFAULTS
+
+        kind = given.get("kind", default["kind"])
+        if kind in DEFAULTS:
+            return {"kind": kind, **DEFAULTS[kind], **({k: v for k, v in default.items()} if kind == default["kind"] else {})}
+    return None
 
 
 def check_defense_keys(cfg: DictConfig) -> None:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bdseal.cli import main
 from bdseal.errors import BdsealError, ConfigError, TrainingDivergedError
@@ -90,6 +89,10 @@ def test_validation_before_work_names_the_key(tmp_path, monkeypatch):
              ("defender.target_known=true attack=none", "target_known"), ("+defense.bogus=1", "unknown key defense.bogus"),
              ("defense=pgrl +defense.clean_per_klass=3", "valid keys under defense: clean_per_class"),
              ("defense=pgrl +defense.train.epochz=3", "unknown key defense.train.epochz"),
+             ("defense=pgrl defense.epsilon=abc", r"defense.epsilon='abc' must be a number"),
+             ("defense=pgrl defense.train.lr=abc", r"defense.train.lr='abc' must be a number"),
+             ("defense=gssd defense.flow.epochs=abc", r"defense.flow.epochs='abc' must be a number"),
+             ("defense=vibe_ss_a +defense.ssl.bogus=1", r"unknown key defense.ssl.bogus; valid keys under defense.ssl: .*arch_params"),
              (f"backdoored_ckpt={tmp_path / 'missing.pt'}", "backdoored_ckpt")]
     for over, msg in cases:
         with pytest.raises(ConfigError, match=msg):
@@ -173,7 +176,7 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(run_mod, "run_experiment", interrupted)
     monkeypatch.delenv("BDSEAL_DEBUG", raising=False)
     assert main(["run", *TINY]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["bdseal: interrupted (Ctrl-C); nothing of the unfinished run was kept"]
+    assert capsys.readouterr().err.strip().splitlines() == ["bdseal: interrupted (Ctrl-C); the unfinished run wrote no results"]
 
 
 # --- benches sharing one store ------------------------------------------------------------------------------
