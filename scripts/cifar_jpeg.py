@@ -1,6 +1,6 @@
 """Pack CIFAR-10 (the benchmark .npz) into JPEG bytes small enough to ship to a remote GPU, and unpack it.
 
-Why: the lent GPU machines of our sessions take at most 64 MiB of files per call; the 170 MB .npz does not fit.
+Why: a remote GPU call here carries at most 64 MiB of files per call; the 170 MB .npz does not fit.
 `pack` re-encodes every image as a JPEG (quality 90, no chroma subsampling: PSNR ~43 dB against the .npz, whose
 pixels already come from JPEGs) and keeps all 50,000 training images and the first `--test-per-class` test images
 of each class. `unpack` decodes back to an .npz with the same arrays, readable by `dataset=cifar10 dataset.root=...`.

@@ -54,9 +54,10 @@ def split_holdout(
 ) -> tuple[ImageDataset, ImageDataset, torch.Tensor, torch.Tensor]:
     """Stratified hold-out: returns ``(kept, held, idx_kept, idx_held)``.
 
-    Each class with ``n`` samples holds out ``max(round(fraction * n), min_per_class)`` of them, at least
-    1 when ``fraction > 0`` and at most ``n - 1`` when ``n > 1`` (a singleton class goes to ``held``).
-    ``fraction`` must be in [0, 1); ``min_per_class`` applies only when ``fraction > 0``."""
+    Each class with ``n`` samples holds out ``max(round(fraction * n), min(min_per_class, n // 2))`` of them
+    (the floor never takes more than half a class), at least 1 when ``fraction > 0`` and at most ``n - 1``
+    when ``n > 1`` (a singleton class goes to ``held``). ``fraction`` must be in [0, 1); ``min_per_class``
+    applies only when ``fraction > 0``."""
     if not 0.0 <= float(fraction) < 1.0:
         raise DataError(f"hold-out fraction must be in [0, 1), got {fraction}")
     if isinstance(min_per_class, bool) or int(min_per_class) != min_per_class or min_per_class < 0:
@@ -64,7 +65,8 @@ def split_holdout(
     n = _counts(ds)
     quota = torch.round(float(fraction) * n.double()).long()
     if fraction > 0:
-        quota = torch.minimum(quota.clamp_min(max(1, int(min_per_class))), (n - 1).clamp_min(1))
+        quota = torch.maximum(quota, torch.clamp(n // 2, max=int(min_per_class)))
+        quota = torch.minimum(quota.clamp_min(1), (n - 1).clamp_min(1))
     quota = torch.minimum(quota, n)
     held, kept = _take(ds, quota, seed)
     return ds.subset(kept), ds.subset(held), kept, held

@@ -178,7 +178,7 @@ def defense_times(defenses: Sequence[str] | None = None, overrides: Sequence[str
             return time.perf_counter() - t0
 
         cell("none", "baseline=true")  # warm-up: poisoned set + backdoored baseline into the cache
-        plain = cell("none", "baseline=false")
+        plain = cell("none", "baseline=false", "cache=false")  # defense=none would load the cached baseline: train it
         out["plain_training_s"] = plain
         for name in names:
             if name not in registered or not _has_config(name):

@@ -39,11 +39,11 @@ def test_split_holdout_counts_disjoint() -> None:
 
 
 def test_split_holdout_min_per_class_raises_small_quotas_only() -> None:
-    """max(round(fraction * n), min_per_class), capped at n - 1; classes above the floor are unchanged and the
-    hold-out without a floor is what the fraction alone gives."""
+    """max(round(fraction * n), min(min_per_class, n // 2)); classes above the floor are unchanged, a small class
+    gives at most half, and the hold-out without a floor is what the fraction alone gives."""
     ds = _ds([200, 50, 12, 1])
     _, held, _, _ = split_holdout(ds, 0.1, seed=0, min_per_class=10)
-    assert held.y.bincount(minlength=4).tolist() == [20, 10, 10, 1]
+    assert held.y.bincount(minlength=4).tolist() == [20, 10, 6, 1]
     _, held0, _, _ = split_holdout(ds, 0.1, seed=0)
     assert held0.y.bincount(minlength=4).tolist() == [20, 5, 1, 1]
     _, none_held, _, _ = split_holdout(ds, 0.0, seed=0, min_per_class=10)

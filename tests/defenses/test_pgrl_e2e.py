@@ -112,7 +112,7 @@ DIGITS_PGRL = [
 @pytest.mark.slow
 def test_pgrl_removes_badnets_on_digits(tmp_path):
     """Default digits BadNets cell (10%): no-defense ASR > 0.9, PGRL ASR < 0.05 at reduced scale.
-    Measured (session 2): baseline 0.983 / 1.000; PGRL 0.992 / 0.000, TPR 1.00, FPR 0.021 (581 s)."""
+    Measured on the 2-core CPU: baseline 0.983 / 1.000; PGRL 0.992 / 0.000, TPR 1.00, FPR 0.021 (581 s)."""
     m, _ = run_cell(tmp_path, [*DIGITS_PGRL, "baseline=true"])
     assert m["baseline"]["asr"] > 0.9
     assert m["asr"] < 0.05 and m["clean_acc"] > 0.8

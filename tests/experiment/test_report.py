@@ -264,22 +264,16 @@ def test_report_flags_unlearned_attacks_and_chance_accuracy_and_states_scale(tmp
     assert "near chance" in page and "<b>Scale.</b>" in page
 
 
-def test_acc_and_asr_plots_use_the_full_percent_axis(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def test_acc_and_asr_plots_use_the_full_percent_axis(tmp_path, monkeypatch):
+    """ACC 90-95% must not be drawn on a 89-96 axis (a small drop would look like a collapse)."""
     from bdseal.experiment import plots
 
     captured = []
     real = plots._save
-    plots_save = lambda fig, path: captured.append(fig.axes[0].get_ylim()) or real(fig, path)  # noqa: E731
+    monkeypatch.setattr(plots, "_save", lambda fig, path: captured.append(fig.axes[0].get_ylim()) or real(fig, path))
     agg = {("d", "badnets", "none"): {"acc": Stat(0.95, 0.0, 1), "asr": Stat(0.99, 0.0, 1), "dem": Stat(0.5, 0.0, 1)},
            ("d", "badnets", "ft"): {"acc": Stat(0.90, 0.0, 1), "asr": Stat(0.02, 0.0, 1), "dem": Stat(0.9, 0.0, 1)}}
-    import pytest as _pytest
-
-    with _pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plots, "_save", plots_save)
-        plots.make_plots(agg, tmp_path)
+    plots.make_plots(agg, tmp_path)
     scatter, acc, asr, dem = captured
     assert scatter[0] <= 0 and scatter[1] >= 100 and acc == (0.0, 103.0) and asr == (0.0, 103.0)
     assert dem[1] < 2  # Γ keeps its own scale
