@@ -80,13 +80,23 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
 FAILED_SUFFIX = ".failed"
 
 
+# files of a failed run that a rerun into the same directory resumes from
+RESUMABLE = ("*.ckpt", "pgrl_resume_e*.safetensors")
+
+
 @contextmanager
 def staged_run_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``final``; on success it replaces ``final`` (an old run
     there is removed only now), on failure ``final`` is untouched and the staging directory is kept as
-    ``<final>.failed`` (its config.yaml and error.txt, for diagnosis; it never blocks a rerun)."""
+    ``<final>.failed`` (its config.yaml and error.txt, for diagnosis; it never blocks a rerun). Resume
+    checkpoints a failed run left (``RESUMABLE``: fit's ``*.ckpt``, PGRL's per-epoch state) move into the new
+    staging directory, so an interrupted run continues where it stopped."""
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    failed_before = final.with_name(final.name + FAILED_SUFFIX)
+    for pattern in RESUMABLE:
+        for f in sorted(failed_before.glob(pattern)) if failed_before.is_dir() else []:
+            f.rename(stage / f.name)
     try:
         yield stage
     except BaseException as e:
@@ -240,6 +250,8 @@ def model_from_checkpoint(cfg: DictConfig) -> None:
     except FileNotFoundError:
         raise ConfigError(f"backdoored_ckpt={cfg.backdoored_ckpt}: no such file or run directory (with model.safetensors); "
                           "fix the path") from None
+    except CorruptFileError as e:
+        raise CorruptFileError(f"backdoored_ckpt: {e}") from None
     arch = meta.get("arch")
     if not isinstance(arch, str):
         return

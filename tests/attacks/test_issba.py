@@ -59,12 +59,12 @@ def test_fitted_weights_are_cached(digits, tmp_path):
     ctx = AttackContext(seed=0, cache=ArtifactCache(tmp_path), progress=False)
     a, b = build_attack("issba", **{**TINY, "steps": 5}), build_attack("issba", **{**TINY, "steps": 5})
     a.fit(train, plan, ctx)
-    assert len(list((tmp_path / "issba_stegastamp").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "issba_stegastamp").glob("*.safetensors"))) == 1
     b.fit(train, plan, ctx)
     for k, v in a.encoder.state_dict().items():
         assert torch.equal(v, b.encoder.state_dict()[k])
     build_attack("issba", **{**TINY, "steps": 6}).fit(train, plan, ctx)  # other params, other entry
-    assert len(list((tmp_path / "issba_stegastamp").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "issba_stegastamp").glob("*.safetensors"))) == 2
 
 
 def test_bad_options_are_clear_errors():

@@ -15,6 +15,7 @@ from omegaconf import open_dict
 from bdseal.defenses import list_defenses
 from bdseal.experiment import run as run_mod
 from bdseal.experiment.config import compose_config
+from bdseal.io import load_model_state
 from tests.helpers import scrambled
 
 BASE = ["dataset=digits", "dataset.train_per_class=20", "dataset.test_per_class=5", "defender.holdout=0.2",
@@ -86,7 +87,7 @@ def _run(overrides: list[str], out: Path, monkeypatch: pytest.MonkeyPatch, scram
             with open_dict(cfg):
                 cfg.attack = FAKE_ATTACK
         run_mod.run_experiment(cfg)
-    return captured["r"], torch.load(out / "model.pt")
+    return captured["r"], load_model_state(out)[0]
 
 
 def _same(a: Any, b: Any) -> bool:

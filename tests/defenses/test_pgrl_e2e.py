@@ -75,7 +75,8 @@ def test_checkpointed_pgrl_resumes_to_the_same_model(tmp_path, monkeypatch):
     monkeypatch.setattr(pgrl.PGRLTrainer, "on_epoch_start", stop_at_2)
     with pytest.raises(_Stop):
         run_cell(tmp_path, over, "cut")
-    assert (tmp_path / "cut" / "pgrl_fit.ckpt").exists() and (tmp_path / "cut" / "pgrl_resume_e2.safetensors").exists()
+    failed = tmp_path / "cut.failed"  # an interrupted run is kept aside; a rerun into "cut" resumes from it
+    assert (failed / "pgrl_fit.ckpt").exists() and (failed / "pgrl_resume_e2.safetensors").exists()
     epochs_run = []
 
     def count(self, state):

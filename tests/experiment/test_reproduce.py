@@ -70,7 +70,7 @@ def test_window_checkpoints_plain_fits_and_resumes_bit_exactly(tmp_path):
     m = model()
     with window(tmp_path, deadline=0.0), pytest.raises(BudgetExhausted, match="epoch 1/3"):
         fit(m, x, y, cfg, seed=1)
-    assert len(list(tmp_path.glob("fit-train-*.pt"))) == 1
+    assert len(list(tmp_path.glob("fit-train-*.safetensors"))) == 1
     m = model()  # a new process would start from the same initial weights
     with window(tmp_path, deadline=None):
         fit(m, x, y, cfg, seed=1)

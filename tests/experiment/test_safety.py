@@ -87,7 +87,7 @@ def test_validation_before_work_names_the_key(tmp_path, monkeypatch):
     cases = [("train.batch_size=0", "batch_size=0"), ("dataset.train_per_class=0", "dataset.train_per_class=0"),
              ("seed=abc", "seed='abc'"), ("attack.rate=abc", "attack.rate='abc'"),
              ("defender.target_known=true attack=none", "target_known"), ("+defense.bogus=1", "unknown key defense.bogus"),
-             ("defense=pgrl +defense.clean_per_klass=3", "valid keys under defense: clean_per_class"),
+             ("defense=pgrl +defense.clean_per_klass=3", "valid keys under defense: .*clean_per_class"),
              ("defense=pgrl +defense.train.epochz=3", "unknown key defense.train.epochz"),
              ("defense=pgrl defense.epsilon=abc", r"defense.epsilon='abc' must be a number"),
              ("defense=pgrl defense.train.lr=abc", r"defense.train.lr='abc' must be a number"),
@@ -110,8 +110,8 @@ def test_clean_pool_too_small_fails_before_any_training(tmp_path, monkeypatch):
         raise AssertionError("trained before checking the clean pool")
 
     monkeypatch.setattr(run_mod, "train_baseline", no_training)
-    with pytest.raises(BdsealError, match="defense.clean_per_class=5"):
-        _run(tmp_path, "defense=pgrl", "defense.clean_per_class=5")
+    with pytest.raises(BdsealError, match="defense.clean_per_class=1000"):
+        _run(tmp_path, "defense=pgrl", "defense.clean_per_class=1000")
 
 
 # --- atomic run directories ---------------------------------------------------------------------------------
