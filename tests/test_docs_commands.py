@@ -116,7 +116,7 @@ def check_without_training(cmd: DocCommand, tmp_path: Path) -> None:
         assert main(list(cmd.args)) == 0
         return
     if sub == "run":
-        over = [_first_sweep_value(a) for a in args if a != "-m" and not a.startswith("hydra.")]
+        over = [_repo_plugins(_first_sweep_value(a)) for a in args if a != "-m" and not a.startswith("hydra.")]
         cfg = compose_config([o for o in over if not o.startswith("backdoored_ckpt=")])
         validate_run_config(cfg)
     elif sub in ("bench", "demo"):
@@ -148,8 +148,28 @@ def check_without_training(cmd: DocCommand, tmp_path: Path) -> None:
         loop = {a.partition("=")[0][5:] for a in args if a.startswith("loop.")}
         assert loop <= set(speed._LOOP_KEYS), f"unknown loop options {loop - set(speed._LOOP_KEYS)}"
         validate_run_config(compose_config([*speed.DEFAULT_CELL, *cell]))
+    elif sub == "poison":
+        validate_run_config(compose_config([_repo_plugins(a) for a in args]))
+    elif sub == "reproduce":
+        from bdseal.experiment import bench, reproduce
+
+        table, _, rest = reproduce.parse_args(args)
+        if table.endswith((".yaml", ".yml")) and not Path(table).exists():
+            return  # a placeholder path for the user's own table: the command line itself parsed
+        spec = bench.parse_args([f"bench={table}", *rest])[0]
+        for cell in bench.plan_cells(spec)[:1]:
+            validate_run_config(bench.cell_config(cell, spec)[0])
     else:
         pytest.fail(f"no check for command {sub!r}: add one to tests/test_docs_commands.py")
+
+
+def _repo_plugins(arg: str) -> str:
+    """``plugins=[examples/x.py]`` names files relative to the repository root; the check runs elsewhere."""
+    key, sep, value = arg.partition("=")
+    if key != "plugins" or not sep:
+        return arg
+    items = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    return "plugins=[" + ",".join(str(ROOT / v) if v.endswith(".py") else v for v in items) + "]"
 
 
 COMMANDS = doc_commands()

@@ -11,7 +11,7 @@ import torch
 from bdseal.cli import main
 from bdseal.experiment import speed
 
-TINY_CELL = ["dataset=synthetic", "+dataset.options.n_train=10", "+dataset.options.n_test=4", "+dataset.options.num_classes=3",
+TINY_CELL = ["dataset=synthetic", "dataset.train_per_class=10", "+dataset.options.n_train=10", "+dataset.options.n_test=4", "+dataset.options.num_classes=3",
              "+dataset.options.image_size=16", "+model.params.widths=[8,16,16]", "train.epochs=1", "train.batch_size=16",
              "attack=badnets", "attack.rate=0.2"]
 
