@@ -137,7 +137,7 @@ def relabel_accuracy(relabels: torch.Tensor, true_labels: torch.Tensor, is_poiso
 
 def relabel_history_metrics(history: list[tuple[int, torch.Tensor]], observed: torch.Tensor, true_labels: torch.Tensor,
                             is_poison: torch.Tensor) -> list[dict[str, float]]:
-    """Per relabelling round (VIBE's E-steps, issue 4): over the samples given a label, agreement with the
+    """Per relabelling round (VIBE's E-steps): over the samples given a label, agreement with the
     observed and with the true labels; over the poisoned samples, the fraction relabelled (label ≠ observed)
     and the fraction given their true label. Oracle side only: defenses never call this."""
     y, t, p = (torch.as_tensor(a).cpu() for a in (observed, true_labels, is_poison))

@@ -1,5 +1,5 @@
 """BYOL (Grill et al. 2020), the "stronger method" standing in for the VIBE authors' All4One/solo-learn
-backbones (issue 4): online encoder + projector + predictor, a target encoder + projector updated by
+backbones: online encoder + projector + predictor, a target encoder + projector updated by
 an exponential moving average whose momentum follows a cosine schedule from ``ema_base`` to 1
 (solo-learn's default for BYOL: 0.99 → 1.0), symmetric loss 2 − 2·cos(p_online, z_target)."""
 

@@ -1,4 +1,4 @@
-"""Issue 3: one end-to-end test per attack family — the undefended model learns the backdoor.
+"""one end-to-end test per attack family — the undefended model learns the backdoor.
 
 Each case is ``bdseal run attack=NAME defense=none`` on ``digits`` (1.4k training images, ``small_half``,
 the default SGD recipe) with ASR asserted well above chance (≈ 0.1 for a random 10-class guess; a

@@ -70,7 +70,7 @@ def test_bad_options(kw, msg):
 
 
 def test_cover_rate_defaults_to_cross_ratio_times_rate():
-    """Issue 3: cover_rate null -> cross_ratio (2) x rate, so attack.rate=0.05 gives 10% covers."""
+    """cover_rate null -> cross_ratio (2) x rate, so attack.rate=0.05 gives 10% covers."""
     train, test = _data(), _data(40, seed=1)
     ps = build_and_poison(train, test, "wanet", rate=0.05, target=0, seed=2)  # cover_rate left to the attack
     assert int(ps.oracle.is_poison.sum()) == 10 and int(ps.oracle.is_cover.sum()) == 20

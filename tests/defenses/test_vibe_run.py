@@ -58,7 +58,7 @@ def test_vibe_ss_finetune_outputs(tmp_path: Path) -> None:
         mp.setattr(run_mod, "get_defense", lambda name: type(get_defense(name))(name, spy))
         m = run_experiment(compose_config([*TINY, "defense=vibe_ss_a", f"out={tmp_path / 'r'}", "progress=false", "cache=false"]))
     r = captured["r"]
-    # per E-step pseudo-labels, scored against the oracle by the experiment layer (issue 4's E-step log)
+    # per E-step pseudo-labels, scored against the oracle by the experiment layer (the E-step log)
     assert [s for s, _ in r.relabel_history] == [0, 5, 10, 12]
     assert all(h.shape == (len(captured["y"]),) for _, h in r.relabel_history)
     assert torch.equal(r.relabel_history[-1][1].long(), r.relabels)  # no filter here: the last round is the output
@@ -82,7 +82,7 @@ E2E = ["dataset=digits", "attack=badnets", "defense=vibe_ss_a", "baseline=true",
 
 @pytest.mark.slow
 def test_vibe_defeats_badnets_on_digits(tmp_path: Path) -> None:
-    """Issue 4's done-when: VIBE ASR < 0.05 where no defense reaches > 0.9, clean accuracy within 5
+    """VIBE ASR < 0.05 where no defense reaches > 0.9, clean accuracy within 5
     points (the default digits cell; VIBE-SS-A, SimCLR small_half 20 epochs, 900 EM iterations with an
     E-step every 150). Measured (docs/vibe.md): baseline 0.983 / 1.000, VIBE-SS-A 0.958 / 0.003, detection
     TPR 0.978 FPR 0.007, relabel acc 0.91 (2,000 s on a 4x-oversubscribed 2-core machine)."""

@@ -135,7 +135,7 @@ TINY_CELL = ["dataset=synthetic", "+dataset.options.num_classes=4", "+dataset.op
 
 
 def test_a_run_hashes_each_training_tensor_once(tmp_path, monkeypatch):
-    """Issue 8: the poisoned-set key, the baseline key and every DefenderView.data_fingerprint() share one
+    """the poisoned-set key, the baseline key and every DefenderView.data_fingerprint() share one
     hash per tensor (bdseal.cache.tensor_digest), and different data still gives different keys."""
     import bdseal.cache as C
     from bdseal.defenses import base as D

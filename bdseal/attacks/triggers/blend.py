@@ -1,6 +1,6 @@
 """Blend (Chen et al. 2017, "Targeted backdoor attacks on deep learning systems using data poisoning").
 
-Trigger: x' = (1 − α)·x + α·pattern over the whole image. Defaults follow issue 3 / BackdoorBench
+Trigger: x' = (1 − α)·x + α·pattern over the whole image. Defaults follow BackdoorBench
 (PGBD's setting): train α = 0.2, test α = train α, the Hello-Kitty-like built-in pattern
 (``bdseal.attacks.patterns.kitty``; BackdoorBench blends ``hello_kitty.jpeg``), poisoned-label
 all-to-one, rate = fraction of the **whole training set** (victims from non-target classes).

@@ -1,6 +1,6 @@
 """Patch triggers: BadNets (Gu et al. 2017).
 
-Defaults follow issue 3 / BackdoorBench (PGBD's setting): a 3x3 checkerboard in the bottom-right
+Defaults follow BackdoorBench (PGBD's setting): a 3x3 checkerboard in the bottom-right
 corner of a 32x32 image; the patch is scaled with the image by nearest upsampling (REFERENCE.md).
 Presets: GSSD/VIBE use a 2x2 patch at rows/cols 4-5 whose four colours are those of VIBE's trigger
 file ``resources/cifar_1.png`` (``pattern: colors``, the 0..255 values written in the preset; REFERENCE.md);

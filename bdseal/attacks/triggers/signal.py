@@ -3,7 +3,7 @@ without label poisoning").
 
 Trigger: a horizontal sinusoid added to every row and channel,
 x'[c, i, j] = clip(x[c, i, j] + Δ·sin(2π·j·f / W), 0, 1), with Δ on the 0..255 pixel scale
-(divided by 255 here because images are in [0, 1]). Defaults: Δ = 20, f = 6 (issue 3; the
+(divided by 255 here because images are in [0, 1]). Defaults: Δ = 20, f = 6 (the
 paper's and PGRL's values — PGRL's code computes sin(2π f t) with t = j / W). Clean-label by default
 (``default_mode = clean_label``): victims are target-class images whose labels are kept; the rate is
 a fraction of the **whole training set** drawn from the target class (PGRL, BackdoorBench); pass

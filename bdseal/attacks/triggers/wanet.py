@@ -3,7 +3,7 @@
 Trigger: a fixed smooth warp. A k×k control grid of random displacements in [−1, 1] is normalised
 by its mean absolute value and upsampled (bicubic, align_corners) to the image size, giving the
 noise field P; the sampling grid is clamp((identity + s·P / size)·grid_rescale, −1, 1) and
-x' = grid_sample(x, grid, bilinear, align_corners=True). Defaults (issue 3, WaNet paper,
+x' = grid_sample(x, grid, bilinear, align_corners=True). Defaults (WaNet paper,
 BackdoorBench): k = 4, s = 0.5, grid_rescale = 1. The control grid is drawn **once** from the attack
 seed, so the training and test triggers are the same warp (REFERENCE.md: the official code redraws
 it per dataset copy; we do not). The x displacement is divided by W and the y displacement by H (the

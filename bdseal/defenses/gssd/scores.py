@@ -86,7 +86,7 @@ def loo_z(values: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
 
 
 def nd_flags_robust(snd: torch.Tensor, z_thresh: float, min_mad: float = 1e-3) -> torch.Tensor:
-    """Relative rule (issue 5): a class whose S_ND is an upper outlier among the other classes."""
+    """Relative rule: a class whose S_ND is an upper outlier among the other classes."""
     return robust_z(snd, min_mad) > z_thresh
 
 

@@ -1,6 +1,6 @@
 """``vibe``: VIBE — variational EM over latent clean labels (seed ``vibe_readme.md``, ICCV 2025).
 
-Facts from REFERENCE.md (which corrects issue 4 where they differ): prior log_softmax(c·π); FM-A
+Facts from REFERENCE.md: prior log_softmax(c·π); FM-A
 freezes μ_y; the first E-step uses a uniform p(y|l); E-steps at iterations 0, T, 2T, …; Leiden filter
 for SS variants only; SS backbones are fine-tuned, FM backbones frozen (cached features).
 

@@ -1,4 +1,4 @@
-"""VIBE's probabilistic model (REFERENCE.md VIBE facts [V], which correct issue 4).
+"""VIBE's probabilistic model (REFERENCE.md VIBE facts [V]).
 
 * classifier (von Mises–Fisher):  p(l|x) = softmax_l( κ·cos(v, μ_z[l]) + log_softmax(c·π)[l] ),
   v = f(x); the prior is scaled *before* the log-softmax.
