@@ -162,7 +162,7 @@ def test_concurrent_writers_leave_one_valid_entry(tmp_path):
 
     from bdseal import io
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch's thread pool started can hang the children
     q = ctx.Queue()
     procs = [ctx.Process(target=_concurrent_writer, args=(str(tmp_path), q)) for _ in range(4)]
     for p in procs:

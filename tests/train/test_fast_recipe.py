@@ -80,6 +80,6 @@ def test_fast_preset_composes_and_trains() -> None:
     s = load_dataset("synthetic")
     torch.manual_seed(0)
     m = build_model("small_half", s.num_classes, mean=[0.5] * 3, std=[0.25] * 3)
-    fit(m, s.train.x, s.train.y, tc.replace(batch_size=64, lr=0.2, epochs=3, progress=False), seed=0)
+    fit(m, s.train.x, s.train.y, tc.replace(batch_size=64, lr=0.2, epochs=5, progress=False), seed=0)  # 3 epochs: 0.65-1.0 by thread count
     acc = (predict(m, s.test.x, tta_flip=True) == s.test.y).float().mean()
     assert acc > 0.8
