@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from bdseal.data.augment import build_augment
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
-from bdseal.io import load_tensors, load_tree, save_tensors, save_tree
+from bdseal.io import load_tree, save_tensors, save_tree
 from bdseal.ot import sinkhorn_log
 from bdseal.plotting import pyplot, save_figure
 from bdseal.prototypes import class_means
@@ -673,34 +673,6 @@ def defend_recipe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> D
     """Control: PGRL's recipe (sphere model, D_v warm-up and loss, views, optimizer) with no filtering —
     every sample trusted, w = 1. Separates the recipe's own accuracy cost from LCV's and WCE's."""
     return run_pgrl(view, cfg, ctx, lcv=False, wce=False)
-
-
-def per_epoch_oracle_stats(state: dict[str, Any], is_poison: torch.Tensor) -> list[dict[str, Any]]:
-    """For the experiment layer (never the defense): per post-warm-up epoch, the label-consistent set's size
-    and the fraction of it that is clean, from ``pgrl_state.safetensors``'s ``trusted_history`` and the oracle."""
-    hist, epochs = state.get("trusted_history"), state.get("history_epochs")
-    if hist is None or len(hist) == 0:
-        return []
-    poison = torch.as_tensor(is_poison).bool().cpu()
-    out = []
-    for e, mask in zip(torch.as_tensor(epochs).tolist(), hist.bool()):
-        n = int(mask.sum())
-        out.append({"epoch": int(e), "trusted": n, "trusted_clean_frac": float((mask & ~poison).sum()) / n if n else float("nan"),
-                    "poison_trusted": int((mask & poison).sum())})
-    return out
-
-
-def add_oracle_per_epoch(run_dir: str | Path, metrics: dict[str, Any], is_poison: torch.Tensor) -> None:
-    """Experiment layer, after the defense: merge :func:`per_epoch_oracle_stats` into
-    ``metrics["extras"]["per_epoch"]`` (by epoch) and draw ``pgrl_per_epoch.png`` in ``run_dir``."""
-    state, _ = load_tensors(Path(run_dir) / "pgrl_state.safetensors")
-    extras = metrics.setdefault("extras", {})
-    rows = {r["epoch"]: r for r in extras.get("per_epoch", [])}
-    for r in per_epoch_oracle_stats(state, is_poison):
-        rows.setdefault(r["epoch"], {"epoch": r["epoch"]}).update(r)
-    extras["per_epoch"] = [rows[e] for e in sorted(rows)]
-    if extras["per_epoch"]:
-        plot_per_epoch(extras["per_epoch"], int(metrics.get("n_train", len(is_poison))), Path(run_dir) / "pgrl_per_epoch.png")
 
 
 def plot_per_epoch(per_epoch: list[dict[str, Any]], n_train: int, path: str | Path = "pgrl_per_epoch.png") -> Path:

@@ -391,7 +391,7 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
     if result.extras:
         metrics["extras"] = result.extras
     if (out / "pgrl_state.safetensors").exists():
-        from bdseal.defenses.pgrl import add_oracle_per_epoch
+        from bdseal.experiment.figures import add_oracle_per_epoch
 
         add_oracle_per_epoch(out, metrics, ps.oracle.is_poison)
     if cfg.figures.enabled:

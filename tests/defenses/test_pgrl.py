@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bdseal.defenses.pgrl import (
     PGRLConfig, SphereClassifier, fresh_weights, gaussian_max_log_density, lcv_plans, lcv_pseudo_labels,
-    normalize_weights, per_epoch_oracle_stats, plot_per_epoch, plot_weight_distribution, steps_per_epoch, umap_reduce,
+    normalize_weights, plot_per_epoch, plot_weight_distribution, steps_per_epoch, umap_reduce,
     vote_labels, wce_log_density, wce_loss,
 )
 from bdseal.models import build_model
@@ -229,6 +229,8 @@ def test_sphere_classifier_authors_resolution_and_grid_feature():
 
 
 def test_per_epoch_oracle_stats_and_plot(tmp_path):
+    from bdseal.experiment.figures import per_epoch_oracle_stats  # experiment layer: it reads the oracle
+
     poison = torch.tensor([True, False, False, False, True, False])
     hist = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 1]], dtype=torch.bool)
     rows = per_epoch_oracle_stats({"trusted_history": hist, "history_epochs": torch.tensor([2, 3])}, poison)
