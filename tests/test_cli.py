@@ -28,6 +28,21 @@ def test_unknown_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> None
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model=nope", "Available options in 'model': densenet121,"),
+    ("defense.nonsense=3", "Could not override 'defense.nonsense'"),
+    ("seed=[1", "no viable alternative"),
+])
+def test_bad_override_is_one_line_error_before_any_work(override: str, expected: str, capsys: pytest.CaptureFixture[str],
+                                                         tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bdseal: error: bad override: ") and expected in err
+    assert err.count("\n") == 1 and "HYDRA_FULL_ERROR" not in err and "search path" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 TINY_RUN = ["train.epochs=1", "dataset.train_per_class=12", "dataset.test_per_class=5", "progress=false",
             "figures.enabled=false", "cache=false"]
 
