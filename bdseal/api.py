@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from bdseal.errors import ConfigError
 from bdseal.attacks import AttackContext, PoisonedSet, build_and_poison
 from bdseal.cache import ArtifactCache, dataset_fingerprint, fingerprint
 from bdseal.data import DataError, ImageDataset, make_dataset, split_holdout
@@ -187,6 +188,8 @@ def defend(
         raise TypeError(f"defend: data must be PoisonedData or DefenderData, got {type(data).__name__}")
     cfg = _merge(defense_defaults(defense) or {"name": defense}, overrides)
     check_defense_keys(OmegaConf.create({"defense": cfg}))  # a misspelt option is an error, not ignored
+    if spec.check is not None:  # a bad choice too, before any work
+        spec.check({k: v for k, v in cfg.items() if k != "name"})
     dev = resolve_device(device)
 
     def fresh(num_classes: int | None = None) -> nn.Module:
@@ -264,12 +267,12 @@ def load_run(path: str | Path) -> RunRecord:
     shape = metrics.get("input_shape") or [int(state["normalize.mean"].shape[1]) if "normalize.mean" in state else 3, 32, 32]
     k = metrics.get("num_classes") or (int(state["head.weight"].shape[0]) if "head.weight" in state else None)
     if k is None:
-        raise ValueError(f"load_run: {p}/metrics.json has no num_classes and the weights no head.weight")
+        raise ConfigError(f"load_run: {p}/metrics.json has no num_classes and the weights no head.weight")
     model_cfg = cfg.get("model") or {}
     model = build_model(str(model_cfg.get("name")), int(k), in_channels=int(shape[0]), image_size=int(shape[1]),
                         **dict(model_cfg.get("params") or {}))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"load_run: the weights in {p} do not fit model={model_cfg.get('name')}: {e}") from e
+        raise ConfigError(f"load_run: the weights in {p} do not fit model={model_cfg.get('name')}: {e}") from e
     return RunRecord(p, cfg, metrics, unwrap(model).eval())

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bdseal.errors import ConfigError
 from bdseal.cache import fingerprint
 from bdseal.data.dataset import ImageDataset
 from bdseal.models import build_model
@@ -49,7 +50,7 @@ def train_surrogate(
     fingerprint, ``arch``, ``model_kw``, ``epochs``, the recipe and the seed.
     """
     if epochs < 1:
-        raise ValueError(f"surrogate epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"surrogate epochs must be >= 1, got {epochs}")
     model_kw = dict(model_kw or {})
     recipe = {**SURROGATE_RECIPE, **train_kw, "epochs": int(epochs)}
     cfg = TrainConfig.from_dict({**recipe, "progress": bool(ctx.progress)})

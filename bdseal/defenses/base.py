@@ -110,6 +110,7 @@ class DefenseResult:
 
 
 DefenseFn = Callable[[DefenderView, dict[str, Any], RunContext], DefenseResult]
+OptionsCheck = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -118,18 +119,22 @@ class DefenseSpec:
     fn: DefenseFn
     needs_clean: bool = False
     post_hoc: bool = False
+    check: OptionsCheck | None = None  # config-only check of the options, run before any work
 
 
 _DEFENSES: dict[str, DefenseSpec] = {}
 
 
-def register_defense(name: str, *, needs_clean: bool = False, post_hoc: bool = False) -> Callable[[DefenseFn], DefenseFn]:
-    """Register ``defend(view, cfg, ctx) -> DefenseResult`` under ``name`` with its threat model."""
+def register_defense(name: str, *, needs_clean: bool = False, post_hoc: bool = False,
+                     check: OptionsCheck | None = None) -> Callable[[DefenseFn], DefenseFn]:
+    """Register ``defend(view, cfg, ctx) -> DefenseResult`` under ``name`` with its threat model. ``check(options)``,
+    when given, raises :class:`bdseal.errors.ConfigError` for options that cannot work; it runs with the other
+    config checks, before the data is loaded or any model trained."""
 
     def deco(fn: DefenseFn) -> DefenseFn:
         if name in _DEFENSES and _DEFENSES[name].fn is not fn:
             raise ValueError(f"defense {name!r} registered twice")
-        _DEFENSES[name] = DefenseSpec(name, fn, needs_clean, post_hoc)
+        _DEFENSES[name] = DefenseSpec(name, fn, needs_clean, post_hoc, check)
         return fn
 
     return deco

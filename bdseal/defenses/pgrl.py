@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bdseal.errors import ConfigError
 from bdseal.data.augment import build_augment
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.io import load_tree, save_tensors, save_tree
@@ -67,7 +68,7 @@ class SphereClassifier(nn.Module):
         if not hasattr(backbone, "features") or not hasattr(backbone, "feature_dim"):
             raise TypeError("PGRL needs a bdseal StagedClassifier backbone (with .features and .feature_dim)")
         if feature_grid < 1:
-            raise ValueError(f"feature_grid must be >= 1, got {feature_grid}")
+            raise ConfigError(f"feature_grid must be >= 1, got {feature_grid}")
         self.backbone = backbone
         self.feature_relu = feature_relu
         self.input_size = input_size
@@ -94,7 +95,7 @@ class SphereClassifier(nn.Module):
             for stage in self.backbone.stages.values():
                 h = stage(h)
             if h.ndim != 4 or h.shape[1] != self.backbone.feature_dim:
-                raise ValueError(f"feature_grid={self.feature_grid} needs a (B, {self.backbone.feature_dim}, H, W) last "
+                raise ConfigError(f"feature_grid={self.feature_grid} needs a (B, {self.backbone.feature_dim}, H, W) last "
                                  f"feature map, got {tuple(h.shape)}")
             h = F.adaptive_avg_pool2d(h, self.feature_grid).flatten(1)
         return F.relu(h) if self.feature_relu else h
@@ -135,7 +136,7 @@ def lcv_plans(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     if scores.ndim == 2:
         scores = scores[None]
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+        raise ConfigError(f"iterations must be >= 1, got {iterations}")
     k = scores.shape[2]
     log_b = (torch.full((k,), -math.log(k), device=scores.device) if col_marginal is None
              else col_marginal.to(device=scores.device, dtype=torch.float32).clamp_min(1e-30).log())
@@ -159,7 +160,7 @@ def vote_labels(plans: torch.Tensor, vote: str = "average") -> torch.Tensor:
         k = plans.shape[2]
         counts = F.one_hot(plans.argmax(2), k).sum(0).float()
         return (counts + 0.5 * mean / mean.sum(1, keepdim=True).clamp_min(1e-12)).argmax(1)
-    raise ValueError(f"unknown vote {vote!r}; use 'average' or 'majority'")
+    raise ConfigError(f"unknown vote {vote!r}; use 'average' or 'majority'")
 
 
 def lcv_pseudo_labels(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
@@ -179,7 +180,7 @@ def normalize_weights(density: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
     weight 1; the others (≤ that cut-off) are min-max rescaled to [−1, 1]. Scale-invariant, so the
     densities may be given up to a positive factor (we pass exp(log p − max log p))."""
     if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be in [0, 1], got {tau}")
+        raise ConfigError(f"tau must be in [0, 1], got {tau}")
     d = density.double().flatten()
     n = d.numel()
     if n == 0:
@@ -234,7 +235,7 @@ def wce_log_density(feats: torch.Tensor, labels: torch.Tensor, clean_feats: torc
         if len(idx) == 0:
             continue
         if len(anchors) == 0:
-            raise ValueError(f"PGRL: the clean set has no sample of class {c}")
+            raise ConfigError(f"PGRL: the clean set has no sample of class {c}")
         both = torch.cat([anchors, feats[idx]]).float().cpu().numpy()
         if len(both) <= dim + 2:  # too few points for UMAP: densities in the raw space
             out[idx] = gaussian_max_log_density(torch.from_numpy(both[len(anchors):]), torch.from_numpy(both[: len(anchors)]))
@@ -325,20 +326,20 @@ class PGRLConfig:
         d = {k: v for k, v in d.items() if k not in ("name", "clean_fraction")}
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown PGRL option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ConfigError(f"unknown PGRL option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         cfg = cls(**d)
         if cfg.n_weak + cfg.n_strong < 1:
-            raise ValueError("PGRL needs at least one augmented view (n_weak + n_strong >= 1)")
+            raise ConfigError("PGRL needs at least one augmented view (n_weak + n_strong >= 1)")
         if cfg.marginal not in ("uniform", "observed"):
-            raise ValueError(f"marginal must be 'uniform' or 'observed', got {cfg.marginal!r}")
+            raise ConfigError(f"marginal must be 'uniform' or 'observed', got {cfg.marginal!r}")
         if cfg.flag_rule not in ("reference", "inconsistent", "negative_weight", "either"):
-            raise ValueError(f"unknown flag_rule {cfg.flag_rule!r}")
+            raise ConfigError(f"unknown flag_rule {cfg.flag_rule!r}")
         if cfg.dv_augment not in ("weak", "strong", "none"):
-            raise ValueError(f"defense.dv_augment must be weak, strong or none, got {cfg.dv_augment!r}")
+            raise ConfigError(f"defense.dv_augment must be weak, strong or none, got {cfg.dv_augment!r}")
         if cfg.weight_features not in ("epoch", "eval"):
-            raise ValueError(f"defense.weight_features must be 'epoch' or 'eval', got {cfg.weight_features!r}")
+            raise ConfigError(f"defense.weight_features must be 'epoch' or 'eval', got {cfg.weight_features!r}")
         if cfg.dv_copies < 1:
-            raise ValueError(f"defense.dv_copies must be >= 1, got {cfg.dv_copies}")
+            raise ConfigError(f"defense.dv_copies must be >= 1, got {cfg.dv_copies}")
         return cfg
 
     def schedule_steps(self, steps_per_epoch: int) -> tuple[int, int, int]:
@@ -597,7 +598,7 @@ class PGRLTrainer(TrainHooks):
             return (-self.weights).float().cpu()
         if use == "lcv":
             return (1.0 - self.p_label).float().cpu()
-        raise ValueError(f"unknown score {use!r}; use auto, weight or lcv")
+        raise ConfigError(f"unknown score {use!r}; use auto, weight or lcv")
 
     def variant(self) -> str:
         c = self.cfg
@@ -650,25 +651,25 @@ def run_pgrl(view: DefenderView, cfg: dict[str, Any], ctx: RunContext, *, lcv: b
     return DefenseResult(model.eval(), scores=trainer.scores(), flagged=trainer.flagged(), extras=trainer.extras())
 
 
-@register_defense("pgrl", needs_clean=True)
+@register_defense("pgrl", needs_clean=True, check=PGRLConfig.from_dict)
 def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """PGRL = LCV + WCE (seed Sec. 4)."""
     return run_pgrl(view, cfg, ctx, lcv=True, wce=True)
 
 
-@register_defense("lcv", needs_clean=True)
+@register_defense("lcv", needs_clean=True, check=PGRLConfig.from_dict)
 def defend_lcv(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """LCV alone: trusted samples with plain CE (w = 1), seed footnote 3."""
     return run_pgrl(view, cfg, ctx, lcv=True, wce=False)
 
 
-@register_defense("wce", needs_clean=True)
+@register_defense("wce", needs_clean=True, check=PGRLConfig.from_dict)
 def defend_wce(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """WCE alone: the whole batch (all samples trusted) with the weighted loss."""
     return run_pgrl(view, cfg, ctx, lcv=False, wce=True)
 
 
-@register_defense("pgrl_recipe", needs_clean=True)
+@register_defense("pgrl_recipe", needs_clean=True, check=PGRLConfig.from_dict)
 def defend_recipe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """Control: PGRL's recipe (sphere model, D_v warm-up and loss, views, optimizer) with no filtering —
     every sample trusted, w = 1. Separates the recipe's own accuracy cost from LCV's and WCE's."""

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from bdseal.errors import ConfigError
 from bdseal.experiment.store import ResultStore
 
 
@@ -15,9 +16,9 @@ def run_jobs(argv: list[str], jobs: int) -> int:
     others' GPU work). They share the store and the artefact cache and take cells through the store's
     claims, so every cell runs once. Returns the workers' worst exit code."""
     if jobs < 1:
-        raise ValueError(f"bench: jobs must be >= 1, got {jobs}")
+        raise ConfigError(f"bench: jobs must be >= 1, got {jobs}")
     if not hasattr(ResultStore, "claim"):
-        raise ValueError("bench: jobs=N needs a results store with cell claims (ResultStore.claim); run one bench per "
+        raise ConfigError("bench: jobs=N needs a results store with cell claims (ResultStore.claim); run one bench per "
                          "store instead")
     cmd = [sys.executable, "-c", "import sys; from bdseal.cli import main; sys.exit(main(sys.argv[1:]))", "bench", *argv]
     procs = [subprocess.Popen(cmd, env={**os.environ, "BDSEAL_BENCH_WORKER": str(i)}) for i in range(jobs)]

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bdseal.errors import ConfigError
 from bdseal.experiment.store import STORE_FILE_NAMES, ResultStore, Row
 
 # metric name -> path into metrics.json
@@ -520,7 +521,7 @@ def make_report(store_path: str | Path, out: str | Path | None = None, title: st
     store_file = resolve_store(store_path)
     rows = ResultStore(store_file).rows()
     if not rows:
-        raise ValueError(f"results store {store_file} holds no finished runs")
+        raise ConfigError(f"results store {store_file} holds no finished runs")
     out = Path(out) if out is not None else store_file.parent / "report"
     (out / "tables").mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows)

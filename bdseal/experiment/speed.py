@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from bdseal.errors import ConfigError
 from bdseal.models import build_model
 from bdseal.train import TrainConfig, fit
 
@@ -226,7 +227,7 @@ def run_from_args(argv: Sequence[str]) -> dict[str, Any]:
     loop = dict(opts.get("loop") or {})
     unknown = set(loop) - set(_LOOP_KEYS)
     if unknown:
-        raise ValueError(f"bench-speed: unknown loop option(s) {sorted(unknown)}; known: {list(_LOOP_KEYS)}")
+        raise ConfigError(f"bench-speed: unknown loop option(s) {sorted(unknown)}; known: {list(_LOOP_KEYS)}")
     res = run_speed(str(opts.get("part", "all")), str(opts.get("device", "auto")), loop, opts.get("defenses"), cell)
     if opts.get("out"):
         from pathlib import Path

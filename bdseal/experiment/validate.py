@@ -113,6 +113,16 @@ def check_defense_keys(cfg: DictConfig) -> None:
         _unknown_keys(d, default, "defense.")
 
 
+def check_defense_options(cfg: DictConfig) -> None:
+    """The defense's own option check (``register_defense(check=...)``): bad choices fail before any work."""
+    from bdseal.defenses import get_defense
+
+    d = _plain(cfg.defense) or {}
+    spec = get_defense(str(d.get("name")))
+    if spec.check is not None:
+        spec.check({k: v for k, v in d.items() if k != "name"})
+
+
 def validate_run_config(cfg: DictConfig) -> None:
     """Config-only checks (types, ranges, threat-model consistency, defense keys) before any work."""
     _int("seed", cfg.seed, 0)
@@ -143,6 +153,7 @@ def validate_run_config(cfg: DictConfig) -> None:
     if ckpt and not Path(str(ckpt)).exists():
         raise ConfigError(f"backdoored_ckpt={ckpt}: no such file or run directory; fix the path")
     check_defense_keys(cfg)
+    check_defense_options(cfg)
     if cfg.device not in ("auto", "cpu") and str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but CUDA is not available here; use device=cpu or device=auto")
 

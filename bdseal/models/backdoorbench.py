@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from bdseal.errors import ConfigError
+
 from .base import StagedClassifier
 from .preact import preact_resnet18
 from .resnet import BasicBlock, ResNet
@@ -74,12 +76,12 @@ def _read(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             try:
                 state = torch.load(p, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unpickling refusal gets the same advice
-                raise ValueError(f"{p} cannot be read as weights only ({type(e).__name__}); save its 'model' state "
+                raise ConfigError(f"{p} cannot be read as weights only ({type(e).__name__}); save its 'model' state "
                                  "dict with safetensors.torch.save_file and load that file instead") from e
     if isinstance(state.get("model"), Mapping):
         state = dict(state["model"])
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("BackdoorBench checkpoint: expected a state dict of tensors (or one under 'model')")
+        raise ConfigError("BackdoorBench checkpoint: expected a state dict of tensors (or one under 'model')")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -88,7 +90,7 @@ def _infer_arch(state: Mapping[str, torch.Tensor]) -> str:
         return "preact_resnet18"
     if "fc.weight" in state:
         return "resnet18"
-    raise ValueError("cannot tell the architecture from the key names (no 'linear.weight' or 'fc.weight'); "
+    raise ConfigError("cannot tell the architecture from the key names (no 'linear.weight' or 'fc.weight'); "
                      "pass arch='preactresnet18' or arch='resnet18'")
 
 
@@ -102,7 +104,7 @@ def rename_backdoorbench_keys(state: Mapping[str, torch.Tensor], arch: str) -> d
                 out[pattern.sub(repl, key)] = value
                 break
         else:
-            raise ValueError(f"BackdoorBench {arch}: unexpected key {key!r}")
+            raise ConfigError(f"BackdoorBench {arch}: unexpected key {key!r}")
     return out
 
 
@@ -122,11 +124,11 @@ def load_backdoorbench(
     state = _read(source)
     arch = arch or _infer_arch(state)
     if arch not in ARCHS:
-        raise ValueError(f"unknown BackdoorBench arch {arch!r}; choose one of {sorted(ARCHS)}")
+        raise ConfigError(f"unknown BackdoorBench arch {arch!r}; choose one of {sorted(ARCHS)}")
     renamed = rename_backdoorbench_keys(state, arch)
     if mean is None or std is None:
         if dataset not in NORMALIZATION:
-            raise ValueError(f"no BackdoorBench normalisation for dataset {dataset!r}; pass mean= and std= "
+            raise ConfigError(f"no BackdoorBench normalisation for dataset {dataset!r}; pass mean= and std= "
                              f"or one of {sorted(NORMALIZATION)}")
         mean, std = NORMALIZATION[dataset]
     head = renamed["head.weight"]
@@ -142,9 +144,9 @@ def load_backdoorbench(
     missing = sorted(set(own) - set(renamed))
     unexpected = sorted(set(renamed) - set(own))
     if missing or unexpected:
-        raise ValueError(f"BackdoorBench {arch} checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(f"BackdoorBench {arch} checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     bad = [k for k in own if own[k].shape != renamed[k].shape]
     if bad:
-        raise ValueError(f"BackdoorBench {arch} checkpoint: shape mismatch at {bad[:5]} (a different depth or width?)")
+        raise ConfigError(f"BackdoorBench {arch} checkpoint: shape mismatch at {bad[:5]} (a different depth or width?)")
     model.load_state_dict(renamed)
     return model.eval()

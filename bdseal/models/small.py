@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from bdseal.errors import ConfigError
+
 from .base import StagedClassifier
 
 Activation = Literal["gelu", "relu"]
@@ -25,7 +27,7 @@ def _act(name: Activation) -> nn.Module:
         return nn.GELU()
     if name == "relu":
         return nn.ReLU(inplace=True)
-    raise ValueError(f"unknown activation {name!r}; use 'gelu' or 'relu'")
+    raise ConfigError(f"unknown activation {name!r}; use 'gelu' or 'relu'")
 
 
 def conv_bn_act(in_ch: int, out_ch: int, act: Activation) -> list[nn.Module]:
@@ -77,7 +79,7 @@ class SmallCNN(StagedClassifier):
         elif global_pool == "avg":
             pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         else:
-            raise ValueError(f"unknown global_pool {global_pool!r}; use 'max' or 'avg'")
+            raise ConfigError(f"unknown global_pool {global_pool!r}; use 'max' or 'avg'")
         super().__init__(
             stages,
             feature_dim=in_ch,

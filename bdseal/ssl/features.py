@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bdseal.errors import ConfigError
 from bdseal.defenses.base import DefenderView, RunContext
 from bdseal.models import build_model
 from bdseal.ssl.byol import BYOL
@@ -58,13 +59,13 @@ def resolve_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     """The backbone config with its kind's defaults filled in; unknown keys are an error."""
     kind = cfg.get("kind")
     if kind not in DEFAULTS:
-        raise ValueError(f"unknown backbone kind {kind!r}; choose one of {sorted(DEFAULTS)}")
+        raise ConfigError(f"unknown backbone kind {kind!r}; choose one of {sorted(DEFAULTS)}")
     unknown = set(cfg) - set(DEFAULTS[kind]) - {"kind"}
     if unknown:
-        raise ValueError(f"backbone kind {kind!r}: unknown option(s) {sorted(unknown)}; accepted: {sorted(DEFAULTS[kind])}")
+        raise ConfigError(f"backbone kind {kind!r}: unknown option(s) {sorted(unknown)}; accepted: {sorted(DEFAULTS[kind])}")
     out = {"kind": kind, **copy.deepcopy(DEFAULTS[kind]), **copy.deepcopy(dict(cfg))}
     if kind == "foundation" and not out["checkpoint"]:
-        raise ValueError("backbone kind 'foundation' needs checkpoint=<local HuggingFace checkpoint directory>")
+        raise ConfigError("backbone kind 'foundation' needs checkpoint=<local HuggingFace checkpoint directory>")
     return out
 
 

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bdseal.errors import ConfigError
 from bdseal.data.augment import simclr_augment
 from bdseal.io import CorruptFileError, load_tree, save_tree
-from bdseal.train.loop import _rng_states, _set_rng_states, seed_everything
+from bdseal.train.loop import rng_states, restore_rng_states, seed_everything
 from bdseal.train.schedule import lr_multiplier
 
 
@@ -68,7 +69,7 @@ def _optimizer(params: Any, cfg: SSLTrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown SSL optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
+    raise ConfigError(f"unknown SSL optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
 
 
 def make_views(raw: torch.Tensor, cfg: SSLTrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def save_checkpoint(path: str | Path, method: nn.Module, opt: torch.optim.Optimi
                     history: list[float], gen: torch.Generator, aug_gen: torch.Generator) -> None:
     """Everything :func:`pretrain` needs to continue after ``epoch`` epochs (atomic, no pickle)."""
     save_tree(path, {"method": method.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-                     "history": history, "generator": gen.get_state(), "rng": _rng_states(aug_gen)}, {"kind": CHECKPOINT_KIND})
+                     "history": history, "generator": gen.get_state(), "rng": rng_states(aug_gen)}, {"kind": CHECKPOINT_KIND})
 
 
 def load_checkpoint(path: str | Path, method: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
@@ -97,7 +98,7 @@ def load_checkpoint(path: str | Path, method: nn.Module, opt: torch.optim.Optimi
     method.load_state_dict(ck["method"])
     opt.load_state_dict(ck["optimizer"])
     gen.set_state(ck["generator"])
-    _set_rng_states(ck["rng"], aug_gen)
+    restore_rng_states(ck["rng"], aug_gen)
     return int(ck["epoch"]), int(ck["step"]), [float(v) for v in ck["history"]]
 
 

@@ -389,7 +389,7 @@ def _raise_if_diverged(first_bad: torch.Tensor, state: TrainState, epoch: int, c
             f"optimizer={cfg.optimizer}); the learning rate is most likely too high: lower it (train.lr or the defense's lr)")
 
 
-def _rng_states(aug_gen: torch.Generator) -> dict[str, Any]:
+def rng_states(aug_gen: torch.Generator) -> dict[str, Any]:
     """Every random stream a training step reads: the augmentation generator, torch's global CPU/CUDA
     generators (dropout, hooks), numpy's and Python's."""
     np_state = np.random.get_state()
@@ -403,7 +403,8 @@ def _flatten_py_state(st: tuple) -> list:
     return [st[0], list(st[1]), st[2]]
 
 
-def _set_rng_states(r: dict[str, Any], aug_gen: torch.Generator) -> None:
+def restore_rng_states(r: dict[str, Any], aug_gen: torch.Generator) -> None:
+    """Inverse of :func:`rng_states`: a resumed run draws the same numbers as an uninterrupted one."""
     aug_gen.set_state(r["augment"])
     torch.set_rng_state(r["torch"])
     if r["cuda"]:
@@ -421,7 +422,7 @@ def _save_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, 
     uninterrupted one."""
     save_tree(path, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                      "extra": [p.detach() for p in extra], "epoch": next_epoch, "step": state.step,
-                     "history": state.history, "generator": gen.get_state(), "rng": _rng_states(aug_gen),
+                     "history": state.history, "generator": gen.get_state(), "rng": rng_states(aug_gen),
                      "lookahead": [] if lookahead is None else list(lookahead.slow)},
               {"kind": "train_checkpoint"})
 
@@ -440,7 +441,7 @@ def _load_checkpoint(path: str | Path, state: TrainState, gen: torch.Generator, 
             p.copy_(v)
     state.step, state.history = ck["step"], ck["history"]
     gen.set_state(ck["generator"])
-    _set_rng_states(ck["rng"], aug_gen)
+    restore_rng_states(ck["rng"], aug_gen)
     return int(ck["epoch"])
 
 

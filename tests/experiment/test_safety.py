@@ -93,6 +93,10 @@ def test_validation_before_work_names_the_key(tmp_path, monkeypatch):
              ("defense=pgrl defense.train.lr=abc", r"defense.train.lr='abc' must be a number"),
              ("defense=gssd defense.flow.epochs=abc", r"defense.flow.epochs='abc' must be a number"),
              ("defense=vibe_ss_a +defense.ssl.bogus=1", r"unknown key defense.ssl.bogus; valid keys under defense.ssl: .*arch_params"),
+             ("defense=gssd defense.nd_rule=bogus", r"nd_rule='bogus'; choose one of"),
+             ("defense=pgrl defense.marginal=bogus", r"marginal must be 'uniform' or 'observed'"),
+             ("defense=pgbd defense.refresh=bogus", r"defense.refresh must be one of"),
+             ("defense=vibe_ss_a defense.corruption=y", r"corruption must be 'x'"),
              (f"backdoored_ckpt={tmp_path / 'missing.pt'}", "backdoored_ckpt")]
     for over, msg in cases:
         with pytest.raises(ConfigError, match=msg):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.errors import ConfigError
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.train.loop import Batch, fit
 
@@ -47,7 +48,7 @@ def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseR
     layers = list(cfg.get("layers") or model.layer_names[-3:])
     betas = [float(b) for b in cfg.get("betas", [500.0, 1000.0, 1000.0])]
     if len(betas) != len(layers):
-        raise ValueError(f"nad: {len(layers)} layers {layers} but {len(betas)} betas")
+        raise ConfigError(f"nad: {len(layers)} layers {layers} but {len(betas)} betas")
     p = float(cfg.get("p", 2.0))
 
     def loss_fn(m: nn.Module, batch: Batch) -> torch.Tensor:

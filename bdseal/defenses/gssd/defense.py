@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from bdseal.errors import ConfigError
 from bdseal.cache import fingerprint
 from bdseal.io import save_tree
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
@@ -66,15 +67,15 @@ def resolve(cfg: dict[str, Any]) -> dict[str, Any]:
     c = {k: v for k, v in dict(cfg).items() if k != "name"}
     unknown = set(c) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"gssd: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise ConfigError(f"gssd: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **c}
     out["finetune"] = {**DEFAULTS["finetune"], **dict(c.get("finetune") or {})}
     if out["retrain"] not in RETRAIN_MODES:
-        raise ValueError(f"gssd: retrain={out['retrain']!r}; choose one of {RETRAIN_MODES}")
+        raise ConfigError(f"gssd: retrain={out['retrain']!r}; choose one of {RETRAIN_MODES}")
     if out["nd_rule"] not in ND_RULES:
-        raise ValueError(f"gssd: nd_rule={out['nd_rule']!r}; choose one of {ND_RULES}")
+        raise ConfigError(f"gssd: nd_rule={out['nd_rule']!r}; choose one of {ND_RULES}")
     if out["d_rule"] not in D_RULES:
-        raise ValueError(f"gssd: d_rule={out['d_rule']!r}; choose one of {D_RULES}")
+        raise ConfigError(f"gssd: d_rule={out['d_rule']!r}; choose one of {D_RULES}")
     return out
 
 
@@ -180,7 +181,7 @@ def detect(view: DefenderView, c: dict[str, Any], ctx: RunContext) -> Detection:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         ctx.log(msg)
     if len(classes) < 2:
-        raise ValueError(f"gssd needs at least two classes with >= {c['min_class_size']} samples, got {classes}")
+        raise ConfigError(f"gssd needs at least two classes with >= {c['min_class_size']} samples, got {classes}")
     flow_cfg = FlowConfig(**dict(c["flow"]))
     parts = {"features": fingerprint({"f": feats}), "standardise": c["standardise"], "classes": classes,
              "labels": fingerprint({"y": labels}), "flow": vars(flow_cfg), "seed": ctx.seed}
@@ -193,7 +194,7 @@ def detect(view: DefenderView, c: dict[str, Any], ctx: RunContext) -> Detection:
     return Detection(analyse(dens["logp"], labels, classes, c), classes, skipped, dens["nll"], feats)
 
 
-@register_defense("gssd")
+@register_defense("gssd", check=resolve)
 def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """GSSD end to end (Algorithm 1); see the module docstring and docs/gssd.md."""
     c = resolve(cfg)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bdseal.errors import ConfigError
+
 
 @dataclass
 class Split:
@@ -32,7 +34,7 @@ class Split:
 def split_counts(n: int, alpha_c: float, alpha_p: float) -> tuple[int, int]:
     """(kept clean, poisoned) counts of a flagged class of ``n`` samples (authors' rounding)."""
     if not (0 < alpha_c <= 0.5 and 0 <= alpha_p <= 0.5):
-        raise ValueError(f"need α_C in (0, 0.5] and α_P in [0, 0.5], got {alpha_c}, {alpha_p}")
+        raise ConfigError(f"need α_C in (0, 0.5] and α_P in [0, 0.5], got {alpha_c}, {alpha_p}")
     return n - math.floor((1 - alpha_c) * n + 1e-9), math.floor(alpha_p * n + 1e-9)
 
 

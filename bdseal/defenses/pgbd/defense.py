@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.errors import ConfigError
 from bdseal.cache import fingerprint
 from bdseal.data.dataset import ImageDataset
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
@@ -47,12 +48,31 @@ from bdseal.prototypes import momentum_update
 from bdseal.train.loop import Batch, TrainHooks, TrainState, fit
 
 
+REFRESH_MODES = ("replace", "weighted")
+
+
+def check_options(cfg: dict[str, Any]) -> None:
+    """Config-only checks of PGBD's options (run before Neural Cleanse or any training)."""
+    refresh = str(cfg.get("refresh", "replace"))
+    if refresh not in REFRESH_MODES:
+        raise ConfigError(f"defense.refresh must be one of {REFRESH_MODES}, got {refresh!r}")
+    if int(cfg.get("cycle_every", 1)) < 1:
+        raise ConfigError(f"defense.cycle_every must be >= 1, got {cfg.get('cycle_every')}")
+    mapping = dict(cfg.get("mapping") or {})
+    if mapping.get("enabled") and not mapping.get("teacher") and not mapping.get("teacher_checkpoint"):
+        raise ConfigError("defense.mapping.enabled needs defense.mapping.teacher (a bdseal.ssl backbone config, "
+                          "e.g. {kind: simclr, arch: small_half}) or defense.mapping.teacher_checkpoint (a local "
+                          "foundation checkpoint); or set defense.mapping.enabled=false")
+    if str(cfg.get("space", "flatten")) not in ("flatten", "pool"):
+        raise ConfigError(f"defense.space must be 'flatten' or 'pool', got {cfg.get('space')!r}")
+
+
 def nt_schedule(epochs: int, candidates: list[int], every: int = 1, t0: int = 0) -> list[int]:
     """NT-PGBD's assumed target per epoch: candidates[(t0 + ⌊e / every⌋) mod |candidates|]."""
     if not candidates:
-        raise ValueError("NT-PGBD needs at least one candidate target class")
+        raise ConfigError("NT-PGBD needs at least one candidate target class")
     if every < 1:
-        raise ValueError(f"cycle_every must be >= 1, got {every}")
+        raise ConfigError(f"cycle_every must be >= 1, got {every}")
     return [candidates[(t0 + e // every) % len(candidates)] for e in range(epochs)]
 
 
@@ -109,8 +129,6 @@ class Sanitiser:
         self.alpha = float(cfg.get("alpha", 0.75))
         self.update_every = int(cfg.get("update_every", 0) or 0)  # REFERENCE: refresh off in the authors' code
         self.refresh = str(cfg.get("refresh", "replace"))
-        if self.refresh not in ("replace", "weighted"):
-            raise ValueError(f"defense.refresh must be 'replace' or 'weighted', got {self.refresh!r}")
         self.mapping_cfg: dict[str, Any] = dict(cfg.get("mapping") or {})
         self.K = clean.num_classes
         self.nc, self.target = nc, target
@@ -131,7 +149,7 @@ class Sanitiser:
         if self.variant == "pgbd" and cfg.get("target_map") is not None:
             return target_map(self.K, torch.tensor(list(cfg["target_map"])))
         if self.target is None:
-            raise ValueError(f"{self.variant}: no target class (known or inferred)")
+            raise ConfigError(f"{self.variant}: no target class (known or inferred)")
         return target_map(self.K, self.target)
 
     def set_target(self, t: int) -> None:
@@ -190,9 +208,7 @@ class Sanitiser:
         m = self.mapping_cfg
         ckpt, tcfg = m.get("teacher_checkpoint"), dict(m.get("teacher") or {})
         if not ckpt and not tcfg:
-            raise ValueError("defense.mapping.enabled needs defense.mapping.teacher (a bdseal.ssl backbone config, "
-                             "e.g. {kind: simclr, arch: small_half}) or defense.mapping.teacher_checkpoint (a local "
-                             "foundation checkpoint)")
+            check_options({"mapping": {**m, "enabled": True}})
         parts = {"images": fingerprint(xs), "teacher": str(ckpt) if ckpt else tcfg,
                  "layer": m.get("teacher_layer"), "channels": channels, "seed": self.ctx.seed}
 
@@ -212,7 +228,7 @@ class Sanitiser:
         """E/D fitted on the current D_S activations (REFERENCE: one Adam step per epoch in the authors' code)."""
         m = self.mapping_cfg
         if self.space != "flatten" or len(self.act_shape) != 3:
-            raise ValueError("large-model mapping needs space=flatten on a convolutional layer")
+            raise ConfigError("large-model mapping needs space=flatten on a convolutional layer")
         sel = mp.balanced_indices(self.clean.y, int(m.get("images", 150)), seed=self.ctx.seed)
         t = self._teacher_maps(self.clean.x[sel], int(m.get("channels", 64)))
         res = mp.fit_mapping(t, self.clean_acts[sel], epochs=int(m.get("epochs", 5)), lr=float(m.get("lr", 1e-4)),
@@ -272,6 +288,7 @@ def ce_only(view: DefenderView, cfg: dict[str, Any], ctx: RunContext, name: str)
 
 def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """Shared body of the variants; λ = 0 runs :func:`ce_only` (no Neural Cleanse, no prototypes)."""
+    check_options(cfg)
     if float(cfg.get("lam", 10.0)) == 0.0:
         return ce_only(view, cfg, ctx, variant)
     t_start = time.time()
@@ -313,31 +330,31 @@ def sanitise(variant: str, view: DefenderView, cfg: dict[str, Any], ctx: RunCont
     return DefenseResult(model.eval(), extras=extras)
 
 
-@register_defense("pgbd", needs_clean=True, post_hoc=True)
+@register_defense("pgbd", needs_clean=True, post_hoc=True, check=check_options)
 def defend_pgbd(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """PGBD with the target known or inferred by Neural Cleanse."""
     return sanitise("pgbd", view, cfg, ctx)
 
 
-@register_defense("pgbd_paper", needs_clean=True, post_hoc=True)
+@register_defense("pgbd_paper", needs_clean=True, post_hoc=True, check=check_options)
 def defend_pgbd_paper(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """PGBD as the paper is written (preset ``pgbd_paper``: no mapping, α-weighted refresh every 5 epochs)."""
     return sanitise("pgbd", view, cfg, ctx)
 
 
-@register_defense("pgbd_lambda0", needs_clean=True, post_hoc=True)
+@register_defense("pgbd_lambda0", needs_clean=True, post_hoc=True, check=check_options)
 def defend_pgbd_lambda0(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """The λ = 0 control of PGBD: CE-only fine-tuning with PGBD's optimiser and budget."""
     return ce_only(view, cfg, ctx, "pgbd_lambda0")
 
 
-@register_defense("nt_pgbd", needs_clean=True, post_hoc=True)
+@register_defense("nt_pgbd", needs_clean=True, post_hoc=True, check=check_options)
 def defend_nt_pgbd(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """NT-PGBD: no target; cycle the assumed target."""
     return sanitise("nt_pgbd", view, cfg, ctx)
 
 
-@register_defense("st_pgbd", needs_clean=True, post_hoc=True)
+@register_defense("st_pgbd", needs_clean=True, post_hoc=True, check=check_options)
 def defend_st_pgbd(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """ST-PGBD: synthetic PAVs from the Neural Cleanse trigger."""
     return sanitise("st_pgbd", view, cfg, ctx)

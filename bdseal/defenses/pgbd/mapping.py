@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.errors import ConfigError
+
 Teacher = Callable[[torch.Tensor], torch.Tensor]
 StepPer = Literal["epoch", "batch"]
 
@@ -50,7 +52,7 @@ def staged_teacher(model: nn.Module, layer: str | None = None) -> Teacher:
     def teacher(x01: torch.Tensor) -> torch.Tensor:
         a = model.forward_with(x01, [name])[1][name]
         if a.ndim != 4:
-            raise ValueError(f"mapping teacher layer {name!r} gives {tuple(a.shape)}; choose a convolutional stage")
+            raise ConfigError(f"mapping teacher layer {name!r} gives {tuple(a.shape)}; choose a convolutional stage")
         return a
 
     return teacher
@@ -117,10 +119,10 @@ def fit_mapping(t: torch.Tensor, s: torch.Tensor, *, epochs: int = 5, lr: float 
     ``step_per="epoch"`` (the authors' code): per-sample losses summed over the whole set, one Adam step per
     epoch; ``"batch"``: one step per mini-batch of ``batch_size``."""
     if step_per not in ("epoch", "batch"):
-        raise ValueError(f"mapping.step_per must be 'epoch' or 'batch', got {step_per!r}")
+        raise ConfigError(f"mapping.step_per must be 'epoch' or 'batch', got {step_per!r}")
     device = torch.device(device)
     if s.ndim != 4:
-        raise ValueError("large-model mapping needs spatial student activations (N, C, H, W); "
+        raise ConfigError("large-model mapping needs spatial student activations (N, C, H, W); "
                          "choose a convolutional layer")
     if t.shape[-2:] != s.shape[-2:]:
         t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bdseal.errors import ConfigError
+
 
 @dataclass
 class NCConfig:
@@ -49,7 +51,7 @@ class NCConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown neural_cleanse option(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown neural_cleanse option(s) {sorted(unknown)}")
         return cls(**d)
 
 

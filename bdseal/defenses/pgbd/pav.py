@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.errors import ConfigError
 from bdseal.data import to_float
 from bdseal.prototypes import kmeans_prototypes
 from bdseal.train.loop import batched_eval
@@ -65,7 +66,7 @@ def to_space(a: torch.Tensor, space: Space) -> torch.Tensor:
         return a.flatten(1)
     if space == "pool":
         return a.mean(dim=(2, 3))
-    raise ValueError(f"unknown activation space {space!r}; use 'flatten' or 'pool'")
+    raise ConfigError(f"unknown activation space {space!r}; use 'flatten' or 'pool'")
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def class_prototypes(feats: torch.Tensor, labels: torch.Tensor, num_classes: int
     counts = torch.bincount(labels, minlength=num_classes)
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"PGBD prototypes: the clean subset has no sample of classes {missing}")
+        raise ConfigError(f"PGBD prototypes: the clean subset has no sample of classes {missing}")
     k_eff = int(min(k, int(counts.min())))
     return kmeans_prototypes(feats.flatten(1), labels, num_classes, k=k_eff, seed=seed)
 
@@ -97,7 +98,7 @@ def target_map(num_classes: int, target: int | torch.Tensor) -> torch.Tensor:
             raise ValueError(f"target map has {t.numel()} entries for {num_classes} classes")
         return t
     if not 0 <= int(target) < num_classes:
-        raise ValueError(f"target {target} outside [0, {num_classes})")
+        raise ConfigError(f"target {target} outside [0, {num_classes})")
     return torch.full((num_classes,), int(target), dtype=torch.long)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bdseal.errors import ConfigError
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.defenses.vibe.em import corruption_diagnostics, e_step, joint_log_probs, observed_agreement
 from bdseal.defenses.vibe.leiden_filter import leiden_filter
@@ -66,17 +67,19 @@ def resolve(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in dict(cfg).items() if k not in ("name", "clean_per_class", "clean_fraction")}
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"vibe: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise ConfigError(f"vibe: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     c = {**copy.deepcopy(DEFAULTS), **copy.deepcopy(cfg)}
     if c["backbone"] not in BACKBONE_DEFAULTS:
-        raise ValueError(f"vibe: backbone must be 'ss' or 'fm', got {c['backbone']!r}")
+        raise ConfigError(f"vibe: backbone must be 'ss' or 'fm', got {c['backbone']!r}")
     for k, v in BACKBONE_DEFAULTS[c["backbone"]].items():
         if c[k] is None:
             c[k] = v
     fm = c["backbone"] == "fm"
     c["freeze"] = fm if c["freeze"] is None else bool(c["freeze"])
     if fm and not c["freeze"]:
-        raise ValueError("vibe: foundation backbones are frozen (freeze=false is not supported for backbone=fm)")
+        raise ConfigError("vibe: foundation backbones are frozen (freeze=false is not supported for backbone=fm)")
+    if c["corruption"] not in ("x", "class"):
+        raise ConfigError(f"vibe: corruption must be 'x' (VIBE-*-F) or 'class' (VIBE-*-A), got {c['corruption']!r}")
     c["freeze_mu_y"] = (fm and c["corruption"] == "class") if c["freeze_mu_y"] is None else bool(c["freeze_mu_y"])
     c["leiden"] = (not fm) if c["leiden"] is None else bool(c["leiden"])
     nf = c["normalize_features"]
@@ -234,7 +237,7 @@ def run_vibe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defens
     return DefenseResult(model, scores=scores, flagged=flagged, relabels=relabels, extras=extras, relabel_history=history)
 
 
-@register_defense("vibe")
+@register_defense("vibe", check=resolve)
 def defend(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """VIBE with the variant given by ``backbone`` / ``corruption`` / ``freeze``."""
     return run_vibe(view, cfg, ctx)
@@ -246,7 +249,7 @@ def _preset(name: str):
 
     fn.__name__ = f"defend_{name}"
     fn.__doc__ = f"VIBE preset {name}: {PRESETS[name]} (config keys override)."
-    return register_defense(name)(fn)
+    return register_defense(name, check=lambda options: resolve({**PRESETS[name], **dict(options)}))(fn)
 
 
 for _name in PRESETS:

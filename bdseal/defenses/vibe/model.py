@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdseal.errors import ConfigError
+
 
 class Prior(nn.Module):
     """The learned class prior softmax(c·π), π ~ N(0, 1) at init (trained with its own lr)."""
@@ -38,7 +40,7 @@ class VIBEHead(nn.Module):
                  corruption: str = "x", freeze_mu_y: bool = False, normalize_input: bool = False) -> None:
         super().__init__()
         if corruption not in ("x", "class"):
-            raise ValueError(f"corruption must be 'x' (VIBE-*-F) or 'class' (VIBE-*-A), got {corruption!r}")
+            raise ConfigError(f"corruption must be 'x' (VIBE-*-F) or 'class' (VIBE-*-A), got {corruption!r}")
         self.mu_z = nn.Parameter(init_means.detach().clone().float())
         self.mu_y = nn.Parameter(init_means.detach().clone().float(), requires_grad=not freeze_mu_y)
         self.kappa = float(kappa)
