@@ -71,40 +71,9 @@ def check_overrides_compose(argv: list[str], config_name: str = "config") -> Non
     report. Sweeps, flags (``-m``, ``--cfg``) and ``hydra.*`` overrides are left to Hydra itself."""
     if any(a.startswith("-") for a in argv):
         return
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from bdseal.experiment.config import compose_config
 
-    from bdseal.errors import ConfigError
-
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    try:
-        with initialize_config_module("bdseal.conf", version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"bad override: {one_line_hydra_message(e)}") from None
-
-
-def one_line_hydra_message(error: BaseException) -> str:
-    """Hydra's multi-line message on one line: option lists joined by commas, its HYDRA_FULL_ERROR hint dropped."""
-    parts: list[str] = []
-    listing: list[str] = []
-    for raw in str(error).splitlines():
-        line = raw.strip()
-        if line.startswith("Config search path"):
-            break
-        if not line or "HYDRA_FULL_ERROR" in line or line.startswith("object_type="):
-            continue
-        if raw.startswith(("\t", "    ")) and parts and parts[-1].endswith(":"):
-            listing.append(line)
-            continue
-        if listing:
-            parts[-1] += " " + ", ".join(listing)
-            listing = []
-        parts.append(line)
-    if listing:
-        parts[-1] += " " + ", ".join(listing)
-    return "; ".join(p.rstrip(".;") for p in parts)
+    compose_config([a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))], config_name)
 
 
 def sweep_job_dir() -> str | None:
