@@ -125,3 +125,17 @@ def test_defend_rejects_a_misspelt_option_before_any_work(digits_arrays) -> None
     ps = bdseal.poison(x, y, rate=0.1, seed=0)
     with pytest.raises(Exception, match="lamda"):
         bdseal.defend(ps, "pgbd", _Net(), lamda=1.0)
+
+
+def test_defend_rejects_a_bad_option_value_before_any_work(digits_arrays, monkeypatch) -> None:
+    from bdseal.defenses.pgbd import defense as pgbd_defense
+    from bdseal.errors import ConfigError
+
+    def no_neural_cleanse(*a, **k):
+        raise AssertionError("Neural Cleanse ran before the options were checked")
+
+    monkeypatch.setattr(pgbd_defense, "run_neural_cleanse", no_neural_cleanse)
+    x, y = digits_arrays
+    ps = bdseal.poison(x, y, rate=0.1, seed=0)
+    with pytest.raises(ConfigError, match="defense.refresh must be one of"):
+        bdseal.defend(ps, "pgbd", _Net(), refresh="bogus")
