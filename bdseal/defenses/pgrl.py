@@ -8,8 +8,8 @@ records the authors' code ([V]). Where the two disagree REFERENCE.md is followed
   the default; ``vote: majority`` implements the seed's wording (ties broken by the averaged plan).
 - Sinkhorn: SwAV style, ε = 0.05, exactly 3 iterations, no convergence test (REFERENCE.md).
 - WCE loss: *sums* (not means) CE over D_v and over the trusted samples × views (REFERENCE.md).
-- Detection rule for TPR/FPR: flagged ⇔ not label-consistent (REFERENCE.md; the issue also counted
-  negative weights — available as ``flag_rule: either``). WCE alone has no LCV, so there the
+- Detection rule for TPR/FPR: flagged ⇔ not label-consistent (REFERENCE.md; also counting
+  negative weights is ``flag_rule: either``). WCE alone has no LCV, so there the
   reference rule falls back to "negative final weight".
 - Learning-rate schedule: cosine 0.01 → 0.0001 as the seed says (their code runs constant; set
   ``train.schedule=constant`` to follow the code).

@@ -11,7 +11,7 @@ Sources (seed ``pgbd_paper.txt`` Sec. 4.1–4.2 and REFERENCE.md "PGBD", which w
 - PAV (Eq. 1): V_c = P_t − P_c; with a per-class target map t(c) (all-to-all) V_c = P_{t(c)} − P_c.
 - L_p (REFERENCE): Σ over the class's centres of MSE(a, centre) (Eq. 2 uses the single prototype; since
   Σ_j ∇_a MSE(a, c_j) ∝ k·(a − mean_j c_j) = k·(a − P_c) both give the same gradient direction).
-- L_s (REFERENCE, not the issue's signed mean): Σ over the batch of |cos(∇_a L_p, V_y)| where the
+- L_s (REFERENCE; not a signed mean): Σ over the batch of |cos(∇_a L_p, V_y)| where the
   gradient is taken **w.r.t. the activation a** with ``create_graph=True`` so that L_s trains the
   network; samples whose class is its own target (V = 0) contribute nothing.
 """
