@@ -188,8 +188,7 @@ def defend(
         raise TypeError(f"defend: data must be PoisonedData or DefenderData, got {type(data).__name__}")
     cfg = _merge(defense_defaults(defense) or {"name": defense}, overrides)
     check_defense_keys(OmegaConf.create({"defense": cfg}))  # a misspelt option is an error, not ignored
-    if spec.check is not None:  # a bad choice too, before any work
-        spec.check({k: v for k, v in cfg.items() if k != "name"})
+    spec.check_options(cfg)  # a bad choice too, before any work
     dev = resolve_device(device)
 
     def fresh(num_classes: int | None = None) -> nn.Module:

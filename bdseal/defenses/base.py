@@ -7,7 +7,7 @@ target only when the user says it is known. Ground truth about the poisoning nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,11 @@ class DefenseSpec:
     needs_clean: bool = False
     post_hoc: bool = False
     check: OptionsCheck | None = None  # config-only check of the options, run before any work
+
+    def check_options(self, cfg: Mapping[str, Any]) -> None:
+        """Run the defense's registered option check on its config (``name`` dropped); no-op without one."""
+        if self.check is not None:
+            self.check({k: v for k, v in cfg.items() if k != "name"})
 
 
 _DEFENSES: dict[str, DefenseSpec] = {}

@@ -118,9 +118,7 @@ def check_defense_options(cfg: DictConfig) -> None:
     from bdseal.defenses import get_defense
 
     d = _plain(cfg.defense) or {}
-    spec = get_defense(str(d.get("name")))
-    if spec.check is not None:
-        spec.check({k: v for k, v in d.items() if k != "name"})
+    get_defense(str(d.get("name"))).check_options(d)
 
 
 def validate_run_config(cfg: DictConfig) -> None:

@@ -42,8 +42,8 @@ from bdseal.data.dataset import ImageDataset
 from bdseal.defenses.base import DefenderView, DefenseResult, RunContext, register_defense
 from bdseal.defenses.pgbd import mapping as mp
 from bdseal.defenses.pgbd.neural_cleanse import NCConfig, NCResult, neural_cleanse
-from bdseal.defenses.pgbd.pav import (class_prototypes, layer_activations, resolve_layer, sanitisation_terms, target_map,
-                                      to_space)
+from bdseal.defenses.pgbd.pav import (SPACES, class_prototypes, layer_activations, resolve_layer, sanitisation_terms,
+                                      target_map, to_space)
 from bdseal.prototypes import momentum_update
 from bdseal.train.loop import Batch, TrainHooks, TrainState, fit
 
@@ -59,12 +59,18 @@ def check_options(cfg: dict[str, Any]) -> None:
     if int(cfg.get("cycle_every", 1)) < 1:
         raise ConfigError(f"defense.cycle_every must be >= 1, got {cfg.get('cycle_every')}")
     mapping = dict(cfg.get("mapping") or {})
-    if mapping.get("enabled") and not mapping.get("teacher") and not mapping.get("teacher_checkpoint"):
+    if mapping.get("enabled"):
+        check_mapping_teacher(mapping)
+    if str(cfg.get("space", "flatten")) not in SPACES:
+        raise ConfigError(f"defense.space must be one of {SPACES}, got {cfg.get('space')!r}")
+
+
+def check_mapping_teacher(mapping: dict[str, Any]) -> None:
+    """The large-model mapping needs a teacher: a bdseal.ssl backbone config or a local foundation checkpoint."""
+    if not mapping.get("teacher") and not mapping.get("teacher_checkpoint"):
         raise ConfigError("defense.mapping.enabled needs defense.mapping.teacher (a bdseal.ssl backbone config, "
                           "e.g. {kind: simclr, arch: small_half}) or defense.mapping.teacher_checkpoint (a local "
                           "foundation checkpoint); or set defense.mapping.enabled=false")
-    if str(cfg.get("space", "flatten")) not in ("flatten", "pool"):
-        raise ConfigError(f"defense.space must be 'flatten' or 'pool', got {cfg.get('space')!r}")
 
 
 def nt_schedule(epochs: int, candidates: list[int], every: int = 1, t0: int = 0) -> list[int]:
@@ -207,8 +213,7 @@ class Sanitiser:
         (``mapping.teacher``; its weights are cached by ``load_backbone``)."""
         m = self.mapping_cfg
         ckpt, tcfg = m.get("teacher_checkpoint"), dict(m.get("teacher") or {})
-        if not ckpt and not tcfg:
-            check_options({"mapping": {**m, "enabled": True}})
+        check_mapping_teacher(m)
         parts = {"images": fingerprint(xs), "teacher": str(ckpt) if ckpt else tcfg,
                  "layer": m.get("teacher_layer"), "channels": channels, "seed": self.ctx.seed}
 

@@ -18,7 +18,7 @@ Sources (seed ``pgbd_paper.txt`` Sec. 4.1–4.2 and REFERENCE.md "PGBD", which w
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from bdseal.prototypes import kmeans_prototypes
 from bdseal.train.loop import batched_eval
 
 Space = Literal["flatten", "pool"]
+SPACES: tuple[str, ...] = get_args(Space)
 
 
 def block_output_name(model: nn.Module) -> str:
@@ -66,7 +67,7 @@ def to_space(a: torch.Tensor, space: Space) -> torch.Tensor:
         return a.flatten(1)
     if space == "pool":
         return a.mean(dim=(2, 3))
-    raise ConfigError(f"unknown activation space {space!r}; use 'flatten' or 'pool'")
+    raise ConfigError(f"unknown activation space {space!r}; use one of {SPACES}")
 
 
 @torch.no_grad()
