@@ -10,9 +10,10 @@
 5. retrain a fresh model on D̂_C with the run's recipe, fine-tune on D̂'_P relabelled by Eq. 7
    (or the Table 4 variants, ``retrain``).
 
-Source precedence: REFERENCE.md's GSSD facts (the authors' Appendix E values and code) over the seed text. Unlike the authors' released retraining script, nothing here ever uses which samples are
-truly poisoned: the split is computed from features and observed labels only. The result carries the split
-(``flagged`` = D̂_P, ``kept`` = D̂_C) so that the metrics — not the defense — count the poisons in each part.
+Source precedence: REFERENCE.md's GSSD facts (the authors' Appendix E values and code) over the seed text.
+Unlike the authors' released retraining script, nothing here ever uses which samples are truly poisoned: the
+split is computed from features and observed labels only. The result carries the split (``flagged`` = D̂_P,
+``kept`` = D̂_C) so that the metrics — not the defense — count the poisons in each part.
 """
 
 from __future__ import annotations
