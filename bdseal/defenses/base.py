@@ -120,6 +120,7 @@ class DefenseSpec:
     needs_clean: bool = False
     post_hoc: bool = False
     check: OptionsCheck | None = None  # config-only check of the options, run before any work
+    control_for: tuple[str, ...] = ()  # defenses whose training recipe this one runs with the defense removed
 
     def check_options(self, cfg: Mapping[str, Any]) -> None:
         """Run the defense's registered option check on its config (``name`` dropped); no-op without one."""
@@ -131,15 +132,18 @@ _DEFENSES: dict[str, DefenseSpec] = {}
 
 
 def register_defense(name: str, *, needs_clean: bool = False, post_hoc: bool = False,
-                     check: OptionsCheck | None = None) -> Callable[[DefenseFn], DefenseFn]:
+                     check: OptionsCheck | None = None,
+                     control_for: tuple[str, ...] = ()) -> Callable[[DefenseFn], DefenseFn]:
     """Register ``defend(view, cfg, ctx) -> DefenseResult`` under ``name`` with its threat model. ``check(options)``,
     when given, raises :class:`bdseal.errors.ConfigError` for options that cannot work; it runs with the other
-    config checks, before the data is loaded or any model trained."""
+    config checks, before the data is loaded or any model trained. ``control_for`` names the defenses this one
+    is the no-defense control of (same recipe, nothing filtered): where it does not learn an attack, their
+    ASR on that attack is no evidence of removal (``bdseal report`` says so)."""
 
     def deco(fn: DefenseFn) -> DefenseFn:
         if name in _DEFENSES and _DEFENSES[name].fn is not fn:
             raise ValueError(f"defense {name!r} registered twice")
-        _DEFENSES[name] = DefenseSpec(name, fn, needs_clean, post_hoc, check)
+        _DEFENSES[name] = DefenseSpec(name, fn, needs_clean, post_hoc, check, tuple(control_for))
         return fn
 
     return deco

@@ -669,7 +669,7 @@ def defend_wce(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> Defe
     return run_pgrl(view, cfg, ctx, lcv=False, wce=True)
 
 
-@register_defense("pgrl_recipe", needs_clean=True, check=PGRLConfig.from_dict)
+@register_defense("pgrl_recipe", needs_clean=True, check=PGRLConfig.from_dict, control_for=("pgrl", "lcv", "wce"))
 def defend_recipe(view: DefenderView, cfg: dict[str, Any], ctx: RunContext) -> DefenseResult:
     """Control: PGRL's recipe (sphere model, D_v warm-up and loss, views, optimizer) with no filtering —
     every sample trusted, w = 1. Separates the recipe's own accuracy cost from LCV's and WCE's."""

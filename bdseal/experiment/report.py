@@ -39,12 +39,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bdseal.errors import ConfigError
 from bdseal.experiment.store import STORE_FILE_NAMES, ResultStore, Row
+
+if TYPE_CHECKING:
+    from bdseal.defenses.base import DefenseSpec
 
 # metric name -> path into metrics.json
 METRICS: dict[str, tuple[str, ...]] = {
@@ -307,13 +310,20 @@ def _order(names: set[str], first: str = "none") -> list[str]:
     return sorted(names, key=lambda n: (n != first, n))
 
 
-def _post_hoc(defense: str) -> bool:
-    try:
-        from bdseal.defenses import get_defense
+def _spec(defense: str) -> DefenseSpec | None:
+    """The registered defense ``defense``; None for a name this install does not know (a store written by
+    another version)."""
+    from bdseal.defenses import get_defense
 
-        return get_defense(defense).post_hoc
+    try:
+        return get_defense(defense)
     except ValueError:
-        return False
+        return None
+
+
+def _post_hoc(defense: str) -> bool:
+    spec = _spec(defense)
+    return spec is not None and spec.post_hoc
 
 
 def _avg(stats: Sequence[Stat | None]) -> Stat | None:
@@ -466,15 +476,30 @@ def _num_classes(rows: Sequence[Row], dataset: str) -> int | None:
     return int(next(iter(ks))) if len(ks) == 1 else None
 
 
+def _controlled(defense: str) -> tuple[str, ...]:
+    """The defenses ``defense`` is the no-defense control of (its registered ``control_for``)."""
+    spec = _spec(defense)
+    return spec.control_for if spec is not None else ()
+
+
 def quality_flags(agg: dict[tuple[str, str, str], dict[str, Stat]], rows: Sequence[Row]) -> list[str]:
     """Cells that must not be read as results: an attack the undefended model did not learn (its mean ASR
-    below :data:`NOT_LEARNED_ASR`), and cells whose clean accuracy is near chance (below
-    :data:`CHANCE_FACTOR` / #classes: the model learned nothing, so a low ASR means nothing)."""
+    below :data:`NOT_LEARNED_ASR`); an attack that a defense's own recipe without the defense (its control,
+    e.g. ``pgrl_recipe``) did not learn while the plain recipe did, so the defense's low ASR there is the
+    recipe's, not a removal; and cells whose clean accuracy is near chance (below :data:`CHANCE_FACTOR` /
+    #classes: the model learned nothing, so a low ASR means nothing)."""
     out = []
     for (ds, a, d), m in sorted(agg.items()):
         if d == "none" and a != "none" and "asr" in m and m["asr"].mean < NOT_LEARNED_ASR:
             out.append(f"{ds} / {a}: the attack was not learned (ASR of the undefended model {100 * m['asr'].mean:.1f}% "
                        f"< {100 * NOT_LEARNED_ASR:.0f}%); no defense result on this attack is evidence")
+        plain = agg.get((ds, a, "none"), {}).get("asr")
+        controlled = [c for c in _controlled(d) if (ds, a, c) in agg]
+        if (controlled and "asr" in m and m["asr"].mean < NOT_LEARNED_ASR
+                and plain is not None and plain.mean >= NOT_LEARNED_ASR):
+            out.append(f"{ds} / {a} / {d}: the control did not learn the attack (ASR {100 * m['asr'].mean:.1f}% < "
+                       f"{100 * NOT_LEARNED_ASR:.0f}%, undefended {100 * plain.mean:.1f}%); the ASR of "
+                       f"{', '.join(controlled)} on this attack is not evidence of removal (their detection still is)")
         k = _num_classes(rows, ds)
         if k and "acc" in m and m["acc"].mean < CHANCE_FACTOR / k:
             out.append(f"{ds} / {a} / {d}: clean ACC {100 * m['acc'].mean:.1f}% is near chance ({100 / k:.0f}% for {k} "

@@ -264,6 +264,24 @@ def test_report_flags_unlearned_attacks_and_chance_accuracy_and_states_scale(tmp
     assert "near chance" in page and "<b>Scale.</b>" in page
 
 
+def test_report_flags_an_attack_the_control_recipe_did_not_learn(tmp_path):
+    """The plain recipe learns BadNets (ASR 97%) but PGRL's recipe without filtering does not (10%): the
+    PGRL-family ASRs on it are flagged as no evidence of removal. Where the control learns the attack (Freq,
+    100%), or where no control ran (Blend), nothing is flagged."""
+    s = ResultStore(tmp_path / "results.sqlite")
+    for attack, none_asr, recipe_asr in (("badnets", 0.97, 0.10), ("freq", 0.90, 1.0)):
+        s.add(fake_row(attack, "none", 0, 0.77, none_asr, num_classes=10))
+        s.add(fake_row(attack, "pgrl_recipe", 0, 0.72, recipe_asr, num_classes=10))
+        s.add(fake_row(attack, "pgrl", 0, 0.60, 0.04, num_classes=10))
+        s.add(fake_row(attack, "wce", 0, 0.70, 0.06, num_classes=10))
+    s.add(fake_row("blend", "none", 0, 0.77, 0.95, num_classes=10))
+    s.add(fake_row("blend", "pgrl", 0, 0.60, 0.04, num_classes=10))
+    rep = make_report(tmp_path, out=tmp_path / "rep")
+    assert rep["flags"] == [
+        "cifar10 / badnets / pgrl_recipe: the control did not learn the attack (ASR 10.0% < 50%, undefended 97.0%); "
+        "the ASR of pgrl, wce on this attack is not evidence of removal (their detection still is)"]
+
+
 def test_acc_and_asr_plots_use_the_full_percent_axis(tmp_path, monkeypatch):
     """ACC 90-95% must not be drawn on a 89-96 axis (a small drop would look like a collapse)."""
     from bdseal.experiment import plots
