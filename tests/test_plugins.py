@@ -129,3 +129,14 @@ def test_bench_plans_cells_of_plugin_names(tmp_path: Path) -> None:
     cfg, _ = bench.cell_config(cells[0], spec)
     assert (cfg.attack.name, cfg.defense.name, cfg.dataset.name) == ("corner", "high_loss", "stripes")
     assert cfg.defense.fraction == 0.1 and cfg.attack.params.size == 2  # the plugin's register_config defaults
+
+
+def test_every_control_row_names_registered_defenses() -> None:
+    """A defense's ``control_for`` (the report's "the control did not learn the attack" flag) names defenses that
+    exist, and PGRL's recipe control covers the three PGRL variants."""
+    from bdseal.defenses import get_defense, list_defenses
+
+    names = set(list_defenses())
+    for name in names:
+        assert set(get_defense(name).control_for) <= names - {name}, name
+    assert set(get_defense("pgrl_recipe").control_for) == {"pgrl", "lcv", "wce"}
