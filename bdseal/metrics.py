@@ -19,6 +19,14 @@ import math
 import numpy as np
 import torch
 
+NOT_LEARNED_ASR = 0.5  # an attack whose undefended ASR is below this was not learned: no defense row on it is evidence
+
+
+def attack_not_learned(undefended_asr: float) -> bool:
+    """Whether the undefended (backdoored) model failed to learn the attack: its ASR is below
+    :data:`NOT_LEARNED_ASR` (NaN, i.e. no attack, is never flagged)."""
+    return undefended_asr == undefended_asr and undefended_asr < NOT_LEARNED_ASR
+
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of ``pred == labels`` (NaN for an empty set)."""

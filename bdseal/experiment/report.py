@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bdseal.errors import ConfigError
+from bdseal.metrics import NOT_LEARNED_ASR
 from bdseal.experiment.store import STORE_FILE_NAMES, ResultStore, Row
 
 if TYPE_CHECKING:
@@ -465,7 +466,6 @@ METRIC_NOTES = (
     ("target found", "whether the defense named the attack's target class (k/n over seeds)."),
     ("time", "wall time of the whole run (s); ×none = the same divided by the undefended run's time."),
 )
-NOT_LEARNED_ASR = 0.5  # an attack whose undefended ASR is below this was not learned: its rows prove nothing
 CHANCE_FACTOR = 2.0  # clean ACC below CHANCE_FACTOR / #classes counts as (near) chance
 
 
@@ -484,7 +484,7 @@ def _controlled(defense: str) -> tuple[str, ...]:
 
 def quality_flags(agg: dict[tuple[str, str, str], dict[str, Stat]], rows: Sequence[Row]) -> list[str]:
     """Cells that must not be read as results: an attack the undefended model did not learn (its mean ASR
-    below :data:`NOT_LEARNED_ASR`); an attack that a defense's own recipe without the defense (its control,
+    below :data:`bdseal.metrics.NOT_LEARNED_ASR`); an attack that a defense's own recipe without the defense (its control,
     e.g. ``pgrl_recipe``) did not learn while the plain recipe did, so the defense's low ASR there is the
     recipe's, not a removal; and cells whose clean accuracy is near chance (below :data:`CHANCE_FACTOR` /
     #classes: the model learned nothing, so a low ASR means nothing)."""

@@ -378,6 +378,9 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
         b = metrics["baseline"]
         if b["asr"] == b["asr"]:
             metrics["dem"] = M.dem(b["clean_acc"], b["asr"], metrics["clean_acc"], metrics["asr"])
+    if (warning := not_learned_warning(cfg, spec.name, metrics)) is not None:
+        log.warning(warning)
+        metrics["warnings"] = [warning]
     det = detection(result, ps.oracle)
     if det is not None:
         metrics["detection"] = det
@@ -406,6 +409,18 @@ def _run_cell(cfg: DictConfig, out: Path, t0: float) -> dict[str, Any]:
     save_model(out, result.model, {"arch": cfg.model.name, "model_params": plain(cfg.model.get("params")),
                                    "dataset": cfg.dataset.name, "attack": cfg.attack.name, "defense": spec.name, "seed": seed})
     return metrics
+
+
+def not_learned_warning(cfg: DictConfig, defense: str, metrics: dict[str, Any]) -> str | None:
+    """The line saying this cell's undefended model did not learn the attack (ASR below
+    :data:`bdseal.metrics.NOT_LEARNED_ASR`), so a low ASR of any defense here is not evidence of removal;
+    None when it did, when there is no attack or no undefended model in the run."""
+    undefended = metrics if defense == "none" else metrics.get("baseline")
+    if cfg.attack.name == "none" or undefended is None or not M.attack_not_learned(undefended["asr"]):
+        return None
+    return (f"the undefended model did not learn {cfg.attack.name} (ASR {100 * undefended['asr']:.1f}% < "
+            f"{100 * M.NOT_LEARNED_ASR:.0f}%): no defense's ASR on this cell is evidence of removal; raise "
+            f"train.epochs or attack.rate, or try another seed")
 
 
 def check_finite_model(model: torch.nn.Module, what: str) -> None:

@@ -5,24 +5,39 @@ import pytest
 from bdseal.cli import main
 from bdseal.errors import ConfigError
 from bdseal.experiment.config import compose_config
-from bdseal.experiment.run import RunDirError, run_experiment
+from bdseal.experiment.run import RunDirError, not_learned_warning, run_experiment
 from tests.helpers import assert_oracle_blind
 
 FAST = ["train.epochs=2", "dataset.train_per_class=30"]
 
 
 def test_bdseal_run_end_to_end_learns_backdoor(tmp_path, capsys):
-    """The default cell (digits, small net, BadNets 10%) through the CLI: the backdoor is learned."""
+    """The default cell (digits, small net, BadNets 10%) through the CLI with a 4x4 trigger: the backdoor is
+    learned and no warning is recorded. (The default 3x3 trigger sits on the edge at seed 0: learned on one
+    2-core VM, ASR 0.034 on an AMD EPYC one, where seeds 1 and 2 and a 4x4 trigger reach 1.0; the run then
+    warns, see the next test.)"""
     out = tmp_path / "run"
-    assert main(["run", f"out={out}", "progress=false"]) == 0
+    assert main(["run", "attack.params.size=4", f"out={out}", "progress=false"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     for key in ("dataset", "model", "attack", "defense", "seed", "poison_rate", "target", "clean_acc", "asr", "time_s"):
         assert key in m
     assert m["dataset"] == "digits" and m["defense"] == "none" and 0.09 < m["poison_rate"] < 0.11
-    assert m["clean_acc"] > 0.85 and m["asr"] > 0.9
+    assert m["clean_acc"] > 0.85 and m["asr"] > 0.9 and "warnings" not in m
     assert m["device"].startswith("cpu (") and "torch " in m["device"]  # what ran the cell is recorded
     assert (out / "config.yaml").exists() and (out / "model.safetensors").exists() and (out / "model.json").exists()
     assert "results in" in capsys.readouterr().out
+
+
+def test_a_run_whose_undefended_model_missed_the_attack_says_so():
+    """The undefended ASR (the run's own for defense=none, else its baseline's) below 50% gives the warning."""
+    cfg = compose_config([])
+    warning = not_learned_warning(cfg, "none", {"asr": 0.034})
+    assert warning is not None and "did not learn badnets (ASR 3.4% < 50%)" in warning
+    assert not_learned_warning(cfg, "pgrl", {"asr": 0.0, "baseline": {"asr": 0.2}}) is not None
+    assert not_learned_warning(cfg, "pgrl", {"asr": 0.0, "baseline": {"asr": 0.97}}) is None  # a removal, no warning
+    assert not_learned_warning(cfg, "pgrl", {"asr": 0.0}) is None  # no undefended model in the run
+    assert not_learned_warning(cfg, "none", {"asr": float("nan")}) is None
+    assert not_learned_warning(compose_config(["attack=none"]), "none", {"asr": 0.0}) is None
 
 
 def test_refuses_to_overwrite_a_nonempty_run_dir(tmp_path):
