@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bdseal.errors import ConfigError
-from bdseal.metrics import NOT_LEARNED_ASR
 from bdseal.experiment.store import STORE_FILE_NAMES, ResultStore, Row
+from bdseal.metrics import NOT_LEARNED_ASR, attack_not_learned
 
 if TYPE_CHECKING:
     from bdseal.defenses.base import DefenseSpec
@@ -483,19 +483,19 @@ def _controlled(defense: str) -> tuple[str, ...]:
 
 
 def quality_flags(agg: dict[tuple[str, str, str], dict[str, Stat]], rows: Sequence[Row]) -> list[str]:
-    """Cells that must not be read as results: an attack the undefended model did not learn (its mean ASR
-    below :data:`bdseal.metrics.NOT_LEARNED_ASR`); an attack that a defense's own recipe without the defense (its control,
-    e.g. ``pgrl_recipe``) did not learn while the plain recipe did, so the defense's low ASR there is the
-    recipe's, not a removal; and cells whose clean accuracy is near chance (below :data:`CHANCE_FACTOR` /
+    """Cells that must not be read as results: an attack the undefended model did not learn
+    (:func:`bdseal.metrics.attack_not_learned` of its mean ASR, the rule ``bdseal run`` warns with); an attack
+    that a defense's own recipe without the defense (its control, e.g. ``pgrl_recipe``) did not learn while the
+    plain recipe did, so the defense's low ASR there is the recipe's, not a removal; and cells whose clean accuracy is near chance (below :data:`CHANCE_FACTOR` /
     #classes: the model learned nothing, so a low ASR means nothing)."""
     out = []
     for (ds, a, d), m in sorted(agg.items()):
-        if d == "none" and a != "none" and "asr" in m and m["asr"].mean < NOT_LEARNED_ASR:
+        if d == "none" and a != "none" and "asr" in m and attack_not_learned(m["asr"].mean):
             out.append(f"{ds} / {a}: the attack was not learned (ASR of the undefended model {100 * m['asr'].mean:.1f}% "
                        f"< {100 * NOT_LEARNED_ASR:.0f}%); no defense result on this attack is evidence")
         plain = agg.get((ds, a, "none"), {}).get("asr")
         controlled = [c for c in _controlled(d) if (ds, a, c) in agg]
-        if (controlled and "asr" in m and m["asr"].mean < NOT_LEARNED_ASR
+        if (controlled and "asr" in m and attack_not_learned(m["asr"].mean)
                 and plain is not None and plain.mean >= NOT_LEARNED_ASR):
             out.append(f"{ds} / {a} / {d}: the control did not learn the attack (ASR {100 * m['asr'].mean:.1f}% < "
                        f"{100 * NOT_LEARNED_ASR:.0f}%, undefended {100 * plain.mean:.1f}%); the ASR of "
